@@ -1,0 +1,140 @@
+"""Server interceptors for grpc.aio: domain-error mapping and bearer-token auth.
+
+grpc.aio has no per-call "around" hook, so each interceptor wraps the method handler's
+behaviour; `wrap_handler` does that once for all four RPC shapes.
+"""
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+from pydantic import SecretStr
+
+from services.common.errors import ServiceError
+from services.common.log import get_logger
+
+log = get_logger(__name__)
+
+# (behaviour, is_request_streaming, is_response_streaming) -> wrapped behaviour
+Wrapper = Callable[[Callable[..., Any], bool, bool], Callable[..., Any]]
+
+
+def wrap_handler(handler: grpc.RpcMethodHandler | None, wrapper: Wrapper) -> grpc.RpcMethodHandler | None:
+    """Returns a handler of the same shape whose behaviour is `wrapper(behaviour)`."""
+    if handler is None:
+        return None
+    req_stream, resp_stream = handler.request_streaming, handler.response_streaming
+    if req_stream and resp_stream:
+        factory, behaviour = grpc.stream_stream_rpc_method_handler, handler.stream_stream
+    elif req_stream:
+        factory, behaviour = grpc.stream_unary_rpc_method_handler, handler.stream_unary
+    elif resp_stream:
+        factory, behaviour = grpc.unary_stream_rpc_method_handler, handler.unary_stream
+    else:
+        factory, behaviour = grpc.unary_unary_rpc_method_handler, handler.unary_unary
+    return factory(
+        wrapper(behaviour, req_stream, resp_stream),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Turns `ServiceError`s raised by servicers into their gRPC status and message.
+
+    Unexpected exceptions become INTERNAL with a generic message (details are logged,
+    never sent: they may contain paths or upstream secrets).
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+
+        def wrapper(behaviour: Callable[..., Any], _rs: bool, resp_stream: bool) -> Callable[..., Any]:
+            if resp_stream:
+
+                async def streaming(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                    try:
+                        async for item in behaviour(request, context):
+                            yield item
+                    except ServiceError as e:
+                        await context.abort(e.code, e.message)
+                    except grpc.aio.AbortError:
+                        raise  # the servicer already chose a status
+                    except Exception:
+                        log.exception("unhandled error", method=method)
+                        await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+                return streaming
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    return await behaviour(request, context)
+                except ServiceError as e:
+                    await context.abort(e.code, e.message)
+                except grpc.aio.AbortError:
+                    raise  # the servicer already chose a status
+                except Exception:
+                    log.exception("unhandled error", method=method)
+                    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+            return unary
+
+        return wrap_handler(handler, wrapper)
+
+
+# Probes and tooling must work without a token.
+UNAUTHENTICATED_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Requires `authorization: Bearer <token>` matching one of the configured tokens."""
+
+    def __init__(self, tokens: Sequence[SecretStr]) -> None:
+        self._tokens = [t.get_secret_value().encode() for t in tokens]
+
+    def _allowed(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> bool:
+        for key, value in metadata or ():
+            if key.lower() != "authorization":
+                continue
+            raw = value.encode() if isinstance(value, str) else value
+            scheme, _, token = raw.partition(b" ")
+            if scheme.lower() != b"bearer":
+                return False
+            # Compare against every token so timing does not reveal which one matched.
+            ok = False
+            for expected in self._tokens:
+                ok |= hmac.compare_digest(token.strip(), expected)
+            return ok
+        return False
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        method = handler_call_details.method
+        if method.startswith(UNAUTHENTICATED_PREFIXES) or self._allowed(handler_call_details.invocation_metadata):
+            return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
+
+        def wrapper(_b: Callable[..., Any], _rs: bool, resp_stream: bool) -> Callable[..., Any]:
+            async def deny(_request: Any, context: grpc.aio.ServicerContext) -> Any:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+
+            if resp_stream:
+
+                async def deny_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                    await deny(request, context)
+                    yield  # pragma: no cover - makes this an async generator
+
+                return deny_stream
+            return deny
+
+        return wrap_handler(handler, wrapper)

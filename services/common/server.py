@@ -1,0 +1,166 @@
+"""The one way every mmsearch service runs: `run(settings, app)`.
+
+It builds a grpc.aio server with metrics, auth and error-mapping interceptors, health
+(grpc.health.v1) and reflection, a Prometheus /metrics endpoint, loads the app (models,
+connections) before reporting SERVING, polls the app's readiness, and on SIGTERM turns
+NOT_SERVING and lets in-flight calls finish within the grace period.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from services.common.interceptors import BearerTokenInterceptor, ErrorMappingInterceptor
+from services.common.log import configure_logging, get_logger
+from services.common.metrics import MetricsInterceptor, start_metrics_server
+from services.common.security import server_credentials
+from services.common.settings import ServerSettings
+
+log = get_logger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def _always_ready() -> bool:
+    return True
+
+
+async def _nothing() -> None:
+    return None
+
+
+@dataclass
+class GrpcApp:
+    """What a service plugs into the shared runtime.
+
+    `register` adds servicers to the server; `on_start` loads models or opens
+    connections (health stays NOT_SERVING until it returns); `readiness` is polled every
+    `readiness_interval_s` and drives health (e.g. Milvus reachable, model not failed);
+    `on_stop` runs after the server has drained.
+    """
+
+    name: str
+    service_names: Sequence[str]
+    register: Callable[[grpc.aio.Server], None]
+    on_start: Callable[[], Awaitable[None]] = _nothing
+    on_stop: Callable[[], Awaitable[None]] = _nothing
+    readiness: Callable[[], Awaitable[bool]] = _always_ready
+    readiness_interval_s: float = 1.0
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    metrics_port: int | None
+    health: HealthServicer
+    app: GrpcApp
+    _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    _metrics_http: Any = None
+    # Set once the first readiness verdict is published (SERVING or NOT_SERVING).
+    _first_verdict: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def set_serving(self, serving: bool) -> None:
+        status = SERVING if serving else NOT_SERVING
+        for name in ("", *self.app.service_names):
+            await self.health.set(name, status)
+
+    async def stop(self, grace_s: float) -> None:
+        """NOT_SERVING first (so load balancers drain us), then wait for in-flight calls."""
+        for task in self._tasks:
+            task.cancel()
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+        await self.app.on_stop()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+        log.info("server stopped", app=self.app.name)
+
+
+async def _watch_readiness(running: RunningServer) -> None:
+    app, last = running.app, None
+    while True:
+        try:
+            ready = await asyncio.wait_for(app.readiness(), timeout=max(app.readiness_interval_s, 1.0) * 5)
+        except Exception as e:  # a failing probe means not ready, never a dead loop
+            log.warning("readiness probe failed", app=app.name, error=str(e))
+            ready = False
+        if ready != last:
+            await running.set_serving(ready)
+            log.info("health changed", app=app.name, serving=ready)
+            last = ready
+        running._first_verdict.set()
+        await asyncio.sleep(app.readiness_interval_s)
+
+
+async def start_server(settings: ServerSettings, app: GrpcApp) -> RunningServer:
+    """Starts serving; returns once `on_start` finished and health says SERVING."""
+    interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor()]
+    if settings.auth_tokens:
+        interceptors.append(BearerTokenInterceptor(settings.auth_tokens))
+    interceptors.append(ErrorMappingInterceptor())
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        options=[
+            ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
+            ("grpc.max_send_message_length", settings.max_send_message_bytes),
+        ],
+    )
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    app.register(server)
+    reflection.enable_server_reflection(
+        (*app.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    address = f"{settings.host}:{settings.grpc_port}"
+    creds = server_credentials(settings.tls)
+    port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+    metrics_http, metrics_port = None, None
+    if settings.metrics_port >= 0:
+        metrics_http, metrics_port = start_metrics_server(settings.metrics_port, settings.host)
+    running = RunningServer(server, port, metrics_port, health, app, _metrics_http=metrics_http)
+    await running.set_serving(False)
+    await server.start()  # health answers NOT_SERVING while models load
+    log.info("loading", app=app.name, port=port, metrics_port=metrics_port, tls=creds is not None)
+    await app.on_start()
+    running._tasks.append(asyncio.create_task(_watch_readiness(running)))
+    # Wait for the first readiness verdict so callers see the real health once we return.
+    await running._first_verdict.wait()
+    log.info("started", app=app.name, port=port)
+    return running
+
+
+async def serve(settings: ServerSettings, app: GrpcApp) -> None:
+    """Runs until SIGTERM / SIGINT, then drains gracefully."""
+    running = await start_server(settings, app)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down", app=app.name, grace_s=settings.shutdown_grace_s)
+    await running.stop(settings.shutdown_grace_s)
+
+
+def run(settings: ServerSettings, app_factory: Callable[[], GrpcApp]) -> None:
+    """Entry point for `python -m services.<name>`."""
+    configure_logging(settings.log_level, settings.log_json, service=settings.__class__.__name__)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(settings, app_factory()))

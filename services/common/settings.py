@@ -1,0 +1,96 @@
+"""Typed settings shared by every service, read from environment variables.
+
+Each service subclasses `ServerSettings` with its own `env_prefix` (EMBEDDER_,
+CAPTIONER_, SEARCH_), so one container image runs anywhere by environment alone
+(12-factor). docs/configuration.md lists every variable.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class TlsSettings(BaseModel):
+    """Server-side TLS. All empty: plaintext (loopback / inside a service mesh)."""
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # When set, clients must present a certificate signed by this CA (mTLS).
+    client_ca_file: Path | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None and self.key_file is not None
+
+
+class ClientTlsSettings(BaseModel):
+    """How this service dials another one (search -> embedder / captioner)."""
+
+    # CA bundle that signed the server's certificate; empty with `enabled` uses system roots.
+    enabled: bool = False
+    ca_file: Path | None = None
+    # Client certificate for mTLS.
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # Overrides the name checked against the server certificate (tests, IP targets).
+    server_name_override: str | None = None
+
+
+class ImageLimits(BaseModel):
+    """Bounds on image intake; they defeat oversize payloads and decompression bombs."""
+
+    max_bytes: int = 20 * MiB
+    max_pixels: int = 40_000_000
+    allowed_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
+
+
+class UriSettings(BaseModel):
+    """Bounds on images given by URI (see `uris.py`)."""
+
+    # `file://` URIs must resolve inside this folder; unset: file URIs are refused.
+    file_root: Path | None = None
+    # Remote fetching is off by default (SSRF); even when on, private ranges are refused.
+    allow_http: bool = False
+    http_timeout_s: float = 10.0
+    max_redirects: int = 3
+    # Networks exempted from the private-address ban (CIDR, e.g. "127.0.0.1/32" in tests
+    # or an internal image CDN). Every redirect hop is checked again.
+    http_allowed_networks: list[str] = Field(default_factory=list)
+
+
+class ServerSettings(BaseSettings):
+    """What every gRPC server needs. Nested fields use `__`, e.g. `SEARCH_TLS__CERT_FILE`."""
+
+    model_config = SettingsConfigDict(env_nested_delimiter="__", extra="ignore")
+
+    host: str = "0.0.0.0"
+    grpc_port: int = 50051
+    # Prometheus /metrics on its own port; 0 picks a free port, -1 disables it.
+    metrics_port: int = 9100
+    max_receive_message_bytes: int = 64 * MiB
+    max_send_message_bytes: int = 64 * MiB
+    # Calls in flight beyond this are refused with RESOURCE_EXHAUSTED by grpc itself.
+    max_concurrent_rpcs: int | None = None
+    # On SIGTERM: health turns NOT_SERVING, then in-flight calls get this long to finish.
+    shutdown_grace_s: float = 20.0
+    log_level: str = "INFO"
+    log_json: bool = True
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+    # Bearer tokens accepted by the auth interceptor; empty disables auth. Comma separated
+    # in the environment (e.g. from a Kubernetes secret), compared in constant time.
+    auth_tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    images: ImageLimits = Field(default_factory=ImageLimits)
+    uris: UriSettings = Field(default_factory=UriSettings)
+
+    @field_validator("auth_tokens", mode="before")
+    @classmethod
+    def _split_tokens(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [t.strip() for t in value.split(",") if t.strip()]
+        return value
