@@ -29,3 +29,54 @@ def jpeg_bytes(width: int = 64, height: int = 48, color: tuple[int, int, int] = 
 @pytest.fixture
 def small_png() -> bytes:
     return png_bytes()
+
+
+def wait_for_port(port: int, timeout_s: float = 60.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
+
+
+class MilvusLiteServer:
+    """A real `milvus-lite server` process on a loopback port (gRPC, like a Milvus cluster)."""
+
+    def __init__(self, data_dir: str) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.proc: "subprocess.Popen[bytes] | None" = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        import shutil
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        exe = shutil.which("milvus-lite") or str(Path(sys.executable).parent / "milvus-lite")
+        self.proc = subprocess.Popen(
+            [exe, "server", "--data-dir", self.data_dir, "--host", "127.0.0.1", "--port", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        wait_for_port(self.port)
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill() if kill else self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def milvus_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    server = MilvusLiteServer(str(tmp_path_factory.mktemp("milvus")))
+    server.start()
+    yield server
+    server.stop()

@@ -1,0 +1,20 @@
+"""The collection's fields and the names callers use for them."""
+from __future__ import annotations
+
+# Caller-facing output field name -> Milvus field.
+OUTPUT_FIELDS: dict[str, str] = {
+    "uri": "uri",
+    "caption": "caption",
+    "keywords": "keywords",
+    "metadata": "metadata",
+    "embedder_model_id": "embedder_model_id",
+    "captioner_model_id": "captioner_model_id",
+    "ingested_at": "ingested_at_ms",
+}
+IMAGE_VECTOR = "image_vector"
+CAPTION_VECTOR = "caption_vector"
+MAX_ID_CHARS = 256
+MAX_URI_CHARS = 2048
+MAX_CAPTION_CHARS = 4096
+MAX_KEYWORDS = 32
+MAX_KEYWORD_CHARS = 128

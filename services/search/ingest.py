@@ -1,0 +1,425 @@
+"""The ingest pipeline: decode -> check -> caption -> embed -> upsert, stages overlapping.
+
+Every received item ends with exactly one outcome (stored / unchanged / failed with a
+reason). Stages are worker tasks joined by queues; the number of items in flight per call
+is bounded (the request stream is not read further until items finish), and upstream
+calls are batched (one Embed call carries several images and their captions; one Milvus
+upsert carries many rows). Idempotency comes from content-hash ids plus a fingerprint of
+everything that would be stored: an item whose fingerprint is already stored is
+"unchanged" and costs no caption or embedding.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+
+from services.common.convert import Content, ImageContent, TextContent
+from services.common.errors import DeadlineExceeded, FailedPrecondition, InvalidInput, ServiceError
+from services.common.intake import ImageIntake, ImageRef
+from services.common.log import get_logger
+from services.search import fields as F
+from services.search.metrics import INGEST_IN_FLIGHT, INGEST_ITEMS, INGEST_STAGE_SECONDS
+from services.search.milvus_store import StoredRow
+from services.search.settings import SearchSettings
+from services.search.upstreams import CaptionResult
+from services.search.validation import check_id, parse_metadata
+
+log = get_logger(__name__)
+T = TypeVar("T")
+
+
+class ItemStatus(str, Enum):
+    STORED = "stored"
+    UNCHANGED = "unchanged"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class CaptionInput:
+    description: str
+    keywords: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class IngestItem:
+    index: int
+    image: ImageRef
+    id: str = ""
+    metadata_json: str = ""
+    caption: CaptionInput | None = None
+    source_uri: str = ""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    index: int
+    id: str
+    status: ItemStatus
+    error: ServiceError | None = None
+
+
+@dataclass
+class Progress:
+    received: int = 0
+    stored: int = 0
+    unchanged: int = 0
+    failed: int = 0
+
+    @property
+    def in_flight(self) -> int:
+        return self.received - self.stored - self.unchanged - self.failed
+
+
+class Captioner(Protocol):
+    async def caption(self, image_bytes: bytes, timeout_s: float | None = None) -> CaptionResult: ...
+
+
+class Embedder(Protocol):
+    async def embed(self, items: list[Content], timeout_s: float | None = None) -> tuple[np.ndarray, str]: ...
+
+
+class Store(Protocol):
+    async def fingerprints(self, ids: list[str]) -> dict[str, str]: ...
+    async def upsert(self, rows: list[StoredRow]) -> None: ...
+
+
+@dataclass
+class _Work:
+    item: IngestItem
+    data: bytes = b""
+    sha256: str = ""
+    id: str = ""
+    fingerprint: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    uri: str = ""
+    caption: CaptionResult | None = None
+    vectors: np.ndarray | None = None  # [2, dim]: image, caption
+
+
+def caption_text(caption: CaptionResult) -> str:
+    """What the caption vector embeds: the description and its keywords, as the seeds do."""
+    if caption.keywords:
+        return f"{caption.description} Keywords: {', '.join(caption.keywords)}"
+    return caption.description
+
+
+async def _take_batch(queue: asyncio.Queue[T], max_items: int, wait_s: float) -> list[T]:
+    """Waits for one item, then gathers more for up to `wait_s` (the batching window)."""
+    batch = [await queue.get()]
+    deadline = time.monotonic() + wait_s
+    while len(batch) < max_items:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        try:
+            batch.append(await asyncio.wait_for(queue.get(), remaining))
+        except TimeoutError:
+            break
+    return batch
+
+
+class IngestPipeline:
+    """One instance per service; `run` is called once per Ingest stream."""
+
+    def __init__(
+        self,
+        settings: SearchSettings,
+        intake: ImageIntake,
+        captioner: Captioner,
+        embedder: Embedder,
+        store: Store,
+        embedder_model_id: Callable[[], str],
+    ) -> None:
+        self.settings = settings
+        self.intake = intake
+        self.captioner = captioner
+        self.embedder = embedder
+        self.store = store
+        self.embedder_model_id = embedder_model_id
+
+    async def run(
+        self, items: AsyncIterator[IngestItem], time_remaining: Callable[[], float | None] = lambda: None
+    ) -> AsyncIterator[tuple[list[Outcome], Progress]]:
+        """Yields (new outcomes, running totals) until every received item has an outcome."""
+        run = _Run(self, time_remaining)
+        async for chunk in run.execute(items):
+            yield chunk
+
+
+class _Run:
+    """The state of one Ingest call."""
+
+    def __init__(self, pipeline: IngestPipeline, time_remaining: Callable[[], float | None]) -> None:
+        s = pipeline.settings
+        self.p = pipeline
+        self.s = s
+        self.time_remaining = time_remaining
+        self.progress = Progress()
+        self.feeding = True
+        self.feed_error: BaseException | None = None
+        self.outcomes: asyncio.Queue[Outcome | None] = asyncio.Queue()
+        self.slots = asyncio.Semaphore(s.max_in_flight_items)
+        self.decode_q: asyncio.Queue[IngestItem] = asyncio.Queue(maxsize=s.decode_workers * 2)
+        self.check_q: asyncio.Queue[_Work] = asyncio.Queue()
+        self.caption_q: asyncio.Queue[_Work] = asyncio.Queue()
+        self.embed_q: asyncio.Queue[_Work] = asyncio.Queue()
+        self.upsert_q: asyncio.Queue[_Work] = asyncio.Queue()
+        # id -> future of the in-flight item that owns it (duplicates wait for it).
+        self.owners: dict[str, asyncio.Future[Outcome]] = {}
+        self.tasks: list[asyncio.Task[Any]] = []
+
+    # --- bookkeeping ------------------------------------------------------------------
+
+    def finish(self, work: _Work | IngestItem, status: ItemStatus, error: ServiceError | None = None) -> None:
+        item = work.item if isinstance(work, _Work) else work
+        item_id = work.id if isinstance(work, _Work) else ""
+        outcome = Outcome(item.index, item_id, status, error)
+        if status is ItemStatus.STORED:
+            self.progress.stored += 1
+        elif status is ItemStatus.UNCHANGED:
+            self.progress.unchanged += 1
+        else:
+            self.progress.failed += 1
+            log.info("ingest item failed", index=item.index, id=item_id, reason=error.message if error else "")
+        INGEST_ITEMS.labels(status.value).inc()
+        INGEST_IN_FLIGHT.dec()
+        owner = self.owners.get(item_id)
+        if owner is not None and getattr(owner, "_mmsearch_index", None) == item.index:
+            del self.owners[item_id]
+            owner.set_result(outcome)
+        self.slots.release()
+        self.outcomes.put_nowait(outcome)
+
+    def timeout_s(self) -> float:
+        remaining = self.time_remaining()
+        limit = self.s.upstream_timeout_s
+        if remaining is None:
+            return limit
+        if remaining <= 0:
+            raise DeadlineExceeded("the Ingest call's deadline passed before this item was processed")
+        return min(limit, remaining)
+
+    def spawn(self, coro: Any) -> None:
+        self.tasks.append(asyncio.create_task(coro))
+
+    # --- the call -----------------------------------------------------------------------
+
+    async def execute(self, items: AsyncIterator[IngestItem]) -> AsyncIterator[tuple[list[Outcome], Progress]]:
+        s = self.s
+        self.spawn(self.feed(items))
+        for _ in range(s.decode_workers):
+            self.spawn(self.decoder())
+        self.spawn(self.checker())
+        for _ in range(s.caption_concurrency):
+            self.spawn(self.captioner())
+        for _ in range(2):  # two in flight so the embedder's batcher always has work
+            self.spawn(self.embedder())
+        self.spawn(self.upserter())
+        try:
+            while self.feeding or self.progress.in_flight > 0:
+                first = await self.outcomes.get()
+                batch = [first]
+                while not self.outcomes.empty():
+                    batch.append(self.outcomes.get_nowait())
+                if self.feed_error is not None:
+                    raise self.feed_error
+                decided = [o for o in batch if o is not None]
+                if decided:
+                    yield decided, self.progress
+        finally:
+            for task in self.tasks:
+                task.cancel()
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+            INGEST_IN_FLIGHT.dec(self.progress.in_flight)
+
+    async def feed(self, items: AsyncIterator[IngestItem]) -> None:
+        try:
+            async for item in items:
+                await self.slots.acquire()  # bounded in-flight: stop reading the stream
+                self.progress.received += 1
+                INGEST_IN_FLIGHT.inc()
+                await self.decode_q.put(item)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # a broken request stream ends the call
+            self.feed_error = e
+        finally:
+            self.feeding = False
+            self.outcomes.put_nowait(None)  # wake the output loop
+
+    # --- stages -------------------------------------------------------------------------
+
+    async def decoder(self) -> None:
+        while True:
+            item = await self.decode_q.get()
+            start = time.perf_counter()
+            try:
+                work = await self.prepare(item)
+            except ServiceError as e:
+                self.finish(item, ItemStatus.FAILED, e)
+                continue
+            except Exception as e:
+                log.exception("decode stage error", index=item.index)
+                self.finish(item, ItemStatus.FAILED, InvalidInput(f"could not read the item: {type(e).__name__}"))
+                continue
+            finally:
+                INGEST_STAGE_SECONDS.labels("decode").observe(time.perf_counter() - start)
+            owner = self.owners.get(work.id)
+            if owner is not None:
+                self.spawn(self.follow(work, owner))
+            else:
+                self.own(work)
+                self.check_q.put_nowait(work)
+
+    def own(self, work: _Work) -> None:
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        future._mmsearch_index = work.item.index  # type: ignore[attr-defined]
+        self.owners[work.id] = future
+
+    async def follow(self, work: _Work, owner: asyncio.Future[Outcome]) -> None:
+        """A second item with the same id in one stream goes through after the first."""
+        await asyncio.shield(owner)
+        if work.id in self.owners:
+            self.spawn(self.follow(work, self.owners[work.id]))
+            return
+        self.own(work)
+        self.check_q.put_nowait(work)
+
+    async def prepare(self, item: IngestItem) -> _Work:
+        s = self.s
+        metadata = parse_metadata(item.metadata_json, s.max_metadata_bytes, s.max_metadata_depth)
+        if item.caption is not None and not item.caption.description.strip():
+            raise InvalidInput("caption.description is empty")
+        data = await self.p.intake.read(item.image)
+        decoded = await asyncio.to_thread(_decode, data, self.p.intake)
+        item_id = check_id(item.id) if item.id else decoded
+        uri = item.image.uri or item.source_uri
+        if len(uri) > F.MAX_URI_CHARS:
+            raise InvalidInput(f"uri is longer than {F.MAX_URI_CHARS} characters")
+        fingerprint = hashlib.sha256(
+            json.dumps(
+                [decoded, metadata, uri, item.caption.__dict__ if item.caption else None, self.p.embedder_model_id()],
+                sort_keys=True, ensure_ascii=False,
+            ).encode()
+        ).hexdigest()
+        work = _Work(item, data, decoded, item_id, fingerprint, metadata, uri)
+        if item.caption is not None:
+            work.caption = CaptionResult(item.caption.description, list(item.caption.keywords), "caller")
+        return work
+
+    async def checker(self) -> None:
+        while True:
+            batch = await _take_batch(self.check_q, self.s.upsert_batch_items, self.s.batch_wait_ms / 1000)
+            start = time.perf_counter()
+            try:
+                stored = await self.p.store.fingerprints([w.id for w in batch])
+            except ServiceError as e:
+                for w in batch:
+                    self.finish(w, ItemStatus.FAILED, e)
+                continue
+            finally:
+                INGEST_STAGE_SECONDS.labels("check").observe(time.perf_counter() - start)
+            for w in batch:
+                if stored.get(w.id) == w.fingerprint:
+                    self.finish(w, ItemStatus.UNCHANGED)
+                elif w.caption is not None:
+                    self.embed_q.put_nowait(w)
+                else:
+                    self.caption_q.put_nowait(w)
+
+    async def captioner(self) -> None:
+        while True:
+            w = await self.caption_q.get()
+            start = time.perf_counter()
+            try:
+                w.caption = await self.p.captioner.caption(w.data, timeout_s=self.timeout_s())
+            except ServiceError as e:
+                self.finish(w, ItemStatus.FAILED, type(e)(f"caption failed: {e.message}"))
+                continue
+            except Exception as e:
+                log.exception("caption stage error", index=w.item.index)
+                self.finish(w, ItemStatus.FAILED, InvalidInput(f"caption failed: {type(e).__name__}"))
+                continue
+            finally:
+                INGEST_STAGE_SECONDS.labels("caption").observe(time.perf_counter() - start)
+            if not w.caption.description.strip():
+                self.finish(w, ItemStatus.FAILED, InvalidInput("caption failed: the captioner returned no description"))
+                continue
+            self.embed_q.put_nowait(w)
+
+    async def embedder(self) -> None:
+        while True:
+            batch = await _take_batch(self.embed_q, self.s.embed_batch_items, self.s.batch_wait_ms / 1000)
+            await self.embed_batch(batch, allow_split=True)
+
+    async def embed_batch(self, batch: list[_Work], allow_split: bool) -> None:
+        contents: list[Content] = []
+        for w in batch:
+            assert w.caption is not None
+            contents += [ImageContent(ImageRef(data=w.data)), TextContent(caption_text(w.caption))]
+        start = time.perf_counter()
+        try:
+            vectors, model_id = await self.p.embedder.embed(contents, timeout_s=self.timeout_s())
+            if model_id != self.p.embedder_model_id():
+                raise FailedPrecondition(
+                    f"embedder now serves {model_id!r}, the collection was built by {self.p.embedder_model_id()!r}"
+                )
+        except InvalidInput as e:
+            if allow_split and len(batch) > 1:  # find the one bad item instead of failing all
+                for w in batch:
+                    await self.embed_batch([w], allow_split=False)
+                return
+            for w in batch:
+                self.finish(w, ItemStatus.FAILED, InvalidInput(f"embedding failed: {e.message}"))
+            return
+        except ServiceError as e:
+            for w in batch:
+                self.finish(w, ItemStatus.FAILED, type(e)(f"embedding failed: {e.message}"))
+            return
+        finally:
+            INGEST_STAGE_SECONDS.labels("embed").observe(time.perf_counter() - start)
+        for i, w in enumerate(batch):
+            w.vectors = vectors[2 * i : 2 * i + 2]
+            self.upsert_q.put_nowait(w)
+
+    async def upserter(self) -> None:
+        while True:
+            batch = await _take_batch(self.upsert_q, self.s.upsert_batch_items, self.s.batch_wait_ms / 1000)
+            now_ms = int(time.time() * 1000)
+            rows = []
+            for w in batch:
+                assert w.caption is not None and w.vectors is not None
+                rows.append(StoredRow(
+                    id=w.id, content_sha256=w.sha256, fingerprint=w.fingerprint, uri=w.uri,
+                    caption=w.caption.description[: F.MAX_CAPTION_CHARS],
+                    keywords=[k[: F.MAX_KEYWORD_CHARS] for k in w.caption.keywords[: F.MAX_KEYWORDS]],
+                    metadata=w.metadata, embedder_model_id=self.p.embedder_model_id(),
+                    captioner_model_id=w.caption.model_id, ingested_at_ms=now_ms,
+                    image_vector=w.vectors[0], caption_vector=w.vectors[1],
+                ))
+            start = time.perf_counter()
+            try:
+                await self.p.store.upsert(rows)
+            except ServiceError as e:
+                for w in batch:
+                    self.finish(w, ItemStatus.FAILED, type(e)(f"storing failed: {e.message}"))
+                continue
+            finally:
+                INGEST_STAGE_SECONDS.labels("upsert").observe(time.perf_counter() - start)
+            for w in batch:
+                self.finish(w, ItemStatus.STORED)
+
+
+def _decode(data: bytes, intake: ImageIntake) -> str:
+    """Validates the image fully (so upstreams never see a bad one); returns its SHA-256."""
+    from services.common.images import decode_image
+
+    return decode_image(data, intake.limits).sha256

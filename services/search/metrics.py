@@ -1,0 +1,15 @@
+"""Search service metrics (beyond the shared gRPC ones)."""
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+INGEST_ITEMS = Counter("search_ingest_items_total", "Ingested items by outcome.", ["outcome"])
+INGEST_STAGE_SECONDS = Histogram(
+    "search_ingest_stage_seconds", "Time per ingest stage call (decode, check, caption, embed, upsert).", ["stage"],
+    buckets=_FAST,
+)
+INGEST_IN_FLIGHT = Gauge("search_ingest_in_flight_items", "Items received but without an outcome yet.")
+MILVUS_SECONDS = Histogram("search_milvus_seconds", "Milvus operation latency.", ["op"], buckets=_FAST)
+SEARCH_SECONDS = Histogram("search_query_seconds", "Search latency by mode.", ["mode"], buckets=_FAST)

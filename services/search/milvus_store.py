@@ -1,0 +1,274 @@
+"""The Milvus collection behind search: schema, model guard, reads and writes.
+
+Uses pymilvus' `MilvusClient`, so the same code serves an embedded Milvus Lite file and a
+Milvus server / cluster. The client is synchronous; calls run on a small thread pool so
+the event loop never blocks. The client is created lazily and dropped after connection
+errors, so a restarted Milvus is picked up again without restarting the service.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+from pymilvus import AnnSearchRequest, DataType, MilvusClient, RRFRanker, WeightedRanker
+from pymilvus.exceptions import MilvusException, MilvusUnavailableException
+
+from services.common.errors import FailedPrecondition, InvalidInput, Unavailable
+from services.search import fields as F
+from services.search.metrics import MILVUS_SECONDS
+from services.search.settings import SearchSettings
+
+T = TypeVar("T")
+
+PROP_MODEL = "mmsearch.embedder_model_id"
+PROP_DIM = "mmsearch.dimension"
+SCALAR_FIELDS = ["id", "content_sha256", "fingerprint", *F.OUTPUT_FIELDS.values()]
+
+
+@dataclass(frozen=True)
+class StoredRow:
+    """One item ready to write."""
+
+    id: str
+    content_sha256: str
+    fingerprint: str
+    uri: str
+    caption: str
+    keywords: list[str]
+    metadata: dict[str, Any]
+    embedder_model_id: str
+    captioner_model_id: str
+    ingested_at_ms: int
+    image_vector: np.ndarray
+    caption_vector: np.ndarray
+
+
+@dataclass(frozen=True)
+class RawHit:
+    id: str
+    score: float  # similarity: higher is better
+    entity: dict[str, Any]
+
+
+def _is_connection_error(e: BaseException) -> bool:
+    if isinstance(e, MilvusUnavailableException):
+        return True
+    text = str(e).lower()
+    return any(s in text for s in ("unavailable", "connect", "deadline", "timeout", "closed channel", "fail connecting"))
+
+
+class MilvusStore:
+    def __init__(self, settings: SearchSettings) -> None:
+        self.settings = settings
+        self.collection = settings.collection
+        self._client: MilvusClient | None = None
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=settings.milvus_threads, thread_name_prefix="milvus")
+
+    @property
+    def mode(self) -> str:
+        return "server" if "://" in self.settings.milvus_uri else "embedded"
+
+    # --- plumbing ---------------------------------------------------------------------
+
+    def _get_client(self) -> MilvusClient:
+        with self._lock:
+            if self._client is None:
+                token = self.settings.milvus_token.get_secret_value() if self.settings.milvus_token else ""
+                uri = self.settings.milvus_uri
+                if self.mode == "embedded":
+                    from pathlib import Path
+
+                    Path(uri).parent.mkdir(parents=True, exist_ok=True)
+                self._client = MilvusClient(
+                    uri=uri, token=token, db_name=self.settings.milvus_db_name, timeout=self.settings.milvus_timeout_s
+                )
+            return self._client
+
+    def _drop_client(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            try:
+                client.close()
+            except Exception:  # closing a broken client must not mask the real error
+                pass
+
+    async def _call(self, op: str, fn: Callable[[MilvusClient], T], filter_expr: str = "") -> T:
+        def run() -> T:
+            start = time.perf_counter()
+            try:
+                return fn(self._get_client())
+            finally:
+                MILVUS_SECONDS.labels(op).observe(time.perf_counter() - start)
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, run)
+        except MilvusException as e:
+            if _is_connection_error(e):
+                self._drop_client()
+                raise Unavailable(f"Milvus is unavailable ({op}): {e.message}") from None
+            if filter_expr:
+                raise InvalidInput(f"Milvus rejected the filter expression: {e.message}") from None
+            raise Unavailable(f"Milvus {op} failed: {e.message}") from None
+        except (ConnectionError, OSError, TimeoutError) as e:
+            self._drop_client()
+            raise Unavailable(f"Milvus is unavailable ({op}): {e}") from None
+        except Exception as e:  # grpc errors from a dead server surface as various types
+            if _is_connection_error(e):
+                self._drop_client()
+                raise Unavailable(f"Milvus is unavailable ({op}): {type(e).__name__}") from None
+            raise
+
+    def _search_params(self, window: int) -> dict[str, Any]:
+        s = self.settings
+        params: dict[str, Any] = {}
+        if s.index_type == "HNSW":
+            params = {"ef": max(s.hnsw_ef, window)}
+        elif s.index_type == "IVF_FLAT":
+            params = {"nprobe": s.ivf_nprobe}
+        return {"metric_type": s.metric_type, "params": params}
+
+    def _similarity(self, distance: float) -> float:
+        # COSINE and IP are similarities already; L2 is a distance.
+        return -distance if self.settings.metric_type == "L2" else distance
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def ping(self) -> bool:
+        await self._call("ping", lambda c: c.has_collection(self.collection))
+        return True
+
+    async def ensure_collection(self, model_id: str, dimension: int) -> None:
+        """Creates the collection, or checks that it was built by this embedding model."""
+
+        def run(c: MilvusClient) -> None:
+            if c.has_collection(self.collection):
+                props = c.describe_collection(self.collection).get("properties", {}) or {}
+                built_model, built_dim = props.get(PROP_MODEL), props.get(PROP_DIM)
+                if built_model != model_id or str(built_dim) != str(dimension):
+                    raise FailedPrecondition(
+                        f"collection {self.collection!r} was built by embedding model {built_model!r} "
+                        f"(dimension {built_dim}), but the embedder now serves {model_id!r} (dimension {dimension}). "
+                        "Vectors from different models cannot be mixed. To migrate: set SEARCH_COLLECTION to a new "
+                        "name and re-ingest your images (ingest is idempotent), then drop the old collection; or "
+                        "point the embedder back at the original model."
+                    )
+                c.load_collection(self.collection)
+                return
+            schema = c.create_schema(auto_id=False, enable_dynamic_field=False)
+            schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=F.MAX_ID_CHARS)
+            schema.add_field("content_sha256", DataType.VARCHAR, max_length=64)
+            schema.add_field("fingerprint", DataType.VARCHAR, max_length=64)
+            schema.add_field("uri", DataType.VARCHAR, max_length=F.MAX_URI_CHARS)
+            schema.add_field("caption", DataType.VARCHAR, max_length=F.MAX_CAPTION_CHARS)
+            schema.add_field(
+                "keywords", DataType.ARRAY, element_type=DataType.VARCHAR,
+                max_capacity=F.MAX_KEYWORDS, max_length=F.MAX_KEYWORD_CHARS,
+            )
+            schema.add_field("metadata", DataType.JSON)
+            schema.add_field("embedder_model_id", DataType.VARCHAR, max_length=256)
+            schema.add_field("captioner_model_id", DataType.VARCHAR, max_length=256)
+            schema.add_field("ingested_at_ms", DataType.INT64)
+            schema.add_field(F.IMAGE_VECTOR, DataType.FLOAT_VECTOR, dim=dimension)
+            schema.add_field(F.CAPTION_VECTOR, DataType.FLOAT_VECTOR, dim=dimension)
+            index = c.prepare_index_params()
+            for field in (F.IMAGE_VECTOR, F.CAPTION_VECTOR):
+                index.add_index(field, index_type=self.settings.index_type, metric_type=self.settings.metric_type,
+                                params=self._index_params())
+            c.create_collection(
+                self.collection, schema=schema, index_params=index,
+                properties={PROP_MODEL: model_id, PROP_DIM: str(dimension)},
+            )
+
+        await self._call("ensure_collection", run)
+
+    def _index_params(self) -> dict[str, Any]:
+        s = self.settings
+        if s.index_type == "HNSW":
+            return {"M": s.hnsw_m, "efConstruction": s.hnsw_ef_construction}
+        if s.index_type == "IVF_FLAT":
+            return {"nlist": s.ivf_nlist}
+        return {}
+
+    async def index_type(self) -> str:
+        info = await self._call("describe_index", lambda c: c.describe_index(self.collection, F.IMAGE_VECTOR))
+        return str(info.get("index_type", self.settings.index_type))
+
+    async def close(self) -> None:
+        self._drop_client()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # --- writes -------------------------------------------------------------------------
+
+    async def fingerprints(self, ids: Sequence[str]) -> dict[str, str]:
+        """id -> stored fingerprint, for the ids that exist."""
+        if not ids:
+            return {}
+        rows = await self._call("get", lambda c: c.get(self.collection, ids=list(ids), output_fields=["fingerprint"]))
+        return {r["id"]: r["fingerprint"] for r in rows}
+
+    async def upsert(self, rows: Sequence[StoredRow]) -> None:
+        data = [
+            {
+                "id": r.id, "content_sha256": r.content_sha256, "fingerprint": r.fingerprint, "uri": r.uri,
+                "caption": r.caption, "keywords": r.keywords, "metadata": r.metadata,
+                "embedder_model_id": r.embedder_model_id, "captioner_model_id": r.captioner_model_id,
+                "ingested_at_ms": r.ingested_at_ms,
+                F.IMAGE_VECTOR: r.image_vector, F.CAPTION_VECTOR: r.caption_vector,
+            }
+            for r in rows
+        ]
+        await self._call("upsert", lambda c: c.upsert(self.collection, data))
+
+    async def delete(self, ids: Sequence[str]) -> int:
+        existing = await self.fingerprints(ids)
+        if existing:
+            await self._call("delete", lambda c: c.delete(self.collection, ids=list(existing)))
+        return len(existing)
+
+    # --- reads --------------------------------------------------------------------------
+
+    async def get(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        rows = await self._call("get", lambda c: c.get(self.collection, ids=list(ids), output_fields=SCALAR_FIELDS))
+        return {r["id"]: r for r in rows}
+
+    async def count(self) -> int:
+        rows = await self._call("count", lambda c: c.query(self.collection, filter="", output_fields=["count(*)"]))
+        return int(rows[0]["count(*)"])
+
+    async def search(
+        self, vector: np.ndarray, field: str, top_k: int, offset: int, filter_expr: str, output_fields: list[str]
+    ) -> list[RawHit]:
+        def run(c: MilvusClient) -> Any:
+            return c.search(
+                self.collection, data=[vector], anns_field=field, limit=top_k, offset=offset,
+                filter=filter_expr, output_fields=output_fields, search_params=self._search_params(offset + top_k),
+            )
+
+        result = await self._call("search", run, filter_expr)
+        return [RawHit(h["id"], self._similarity(h["distance"]), h.get("entity", {})) for h in result[0]]
+
+    async def hybrid_search(
+        self, vector: np.ndarray, top_k: int, offset: int, filter_expr: str, output_fields: list[str],
+        rrf_k: int | None, weights: tuple[float, float] | None,
+    ) -> list[RawHit]:
+        """Searches both vector fields and fuses them in Milvus (RRF or weighted)."""
+        window = offset + top_k
+
+        def run(c: MilvusClient) -> Any:
+            params = self._search_params(window)
+            reqs = [AnnSearchRequest([vector], field, params, limit=window, expr=filter_expr or None)
+                    for field in (F.IMAGE_VECTOR, F.CAPTION_VECTOR)]
+            ranker = WeightedRanker(*weights) if weights else RRFRanker(rrf_k or 60)
+            return c.hybrid_search(self.collection, reqs, ranker, limit=window, output_fields=output_fields)
+
+        result = await self._call("hybrid_search", run, filter_expr)
+        # Fused scores are already "higher is better"; pagination is applied on the fused list.
+        return [RawHit(h["id"], float(h["distance"]), h.get("entity", {})) for h in result[0]][offset:]

@@ -1,0 +1,153 @@
+"""Search gRPC servicer: protobuf <-> domain translation only."""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from mmsearch.common.v1 import types_pb2
+from mmsearch.search.v1 import search_pb2, search_pb2_grpc
+from services.common.convert import content_from_proto, image_ref_from_proto
+from services.common.errors import InvalidInput, ServiceError
+from services.common.intake import ImageRef
+from services.search.engine import Fusion, Hit, SearchEngine, SearchQuery, Target, metadata_json
+from services.search.ingest import CaptionInput, IngestItem, IngestPipeline, ItemStatus, Outcome, Progress
+from services.search.milvus_store import MilvusStore
+
+_TARGETS = {
+    search_pb2.TARGET_UNSPECIFIED: Target.IMAGE,
+    search_pb2.TARGET_IMAGE: Target.IMAGE,
+    search_pb2.TARGET_CAPTION: Target.CAPTION,
+    search_pb2.TARGET_HYBRID: Target.HYBRID,
+}
+_TARGETS_OUT = {Target.IMAGE: search_pb2.TARGET_IMAGE, Target.CAPTION: search_pb2.TARGET_CAPTION,
+                Target.HYBRID: search_pb2.TARGET_HYBRID}
+_STATUS = {ItemStatus.STORED: search_pb2.ITEM_STATUS_STORED, ItemStatus.UNCHANGED: search_pb2.ITEM_STATUS_UNCHANGED,
+           ItemStatus.FAILED: search_pb2.ITEM_STATUS_FAILED}
+MAX_IDS = 1000
+
+
+def _timestamp(ms: Any) -> Timestamp | None:
+    if ms is None:
+        return None
+    ts = Timestamp()
+    ts.FromMilliseconds(int(ms))
+    return ts
+
+
+def _query(request: search_pb2.SearchRequest) -> SearchQuery:
+    if request.target not in _TARGETS:
+        raise InvalidInput(f"unknown target {request.target}")
+    f = request.fusion
+    if f.method not in (search_pb2.FUSION_METHOD_UNSPECIFIED, search_pb2.FUSION_METHOD_RRF,
+                        search_pb2.FUSION_METHOD_WEIGHTED):
+        raise InvalidInput(f"unknown fusion method {f.method}")
+    weighted = f.method == search_pb2.FUSION_METHOD_WEIGHTED
+    image_w, caption_w = (f.image_weight, f.caption_weight) if (f.image_weight or f.caption_weight) else (0.5, 0.5)
+    return SearchQuery(
+        content=content_from_proto(request.query) if request.HasField("query") else None,
+        vector=list(request.query_vector.values) if request.HasField("query_vector") else None,
+        target=_TARGETS[request.target],
+        fusion=Fusion(weighted, f.rrf_k or 60, image_w, caption_w),
+        top_k=request.top_k,
+        offset=request.offset,
+        filter=request.filter,
+        output_fields=tuple(request.output_fields),
+    )
+
+
+def _hit(hit: Hit) -> search_pb2.Hit:
+    f = hit.fields
+    return search_pb2.Hit(
+        rank=hit.rank, id=hit.id, score=hit.score, uri=f.get("uri") or "", caption=f.get("caption") or "",
+        keywords=f.get("keywords") or [], metadata_json=metadata_json(f.get("metadata")),
+        embedder_model_id=f.get("embedder_model_id") or "", captioner_model_id=f.get("captioner_model_id") or "",
+        ingested_at=_timestamp(f.get("ingested_at")),
+    )
+
+
+def _ids(ids: Any) -> list[str]:
+    ids = list(ids)
+    if not 1 <= len(ids) <= MAX_IDS:
+        raise InvalidInput(f"give 1 to {MAX_IDS} ids, got {len(ids)}")
+    return ids
+
+
+def _error(e: ServiceError | None) -> types_pb2.ItemError | None:
+    return types_pb2.ItemError(code=e.code.value[0], message=e.message) if e else None
+
+
+class SearchServicer(search_pb2_grpc.SearchServicer):
+    def __init__(
+        self, engine: SearchEngine, pipeline: IngestPipeline, store: MilvusStore, stats_extra: Any
+    ) -> None:
+        self.engine = engine
+        self.pipeline = pipeline
+        self.store = store
+        self.stats_extra = stats_extra  # async () -> dict of model ids
+
+    async def Search(self, request: search_pb2.SearchRequest, context: grpc.aio.ServicerContext) -> search_pb2.SearchResponse:
+        result = await self.engine.search(_query(request), context.time_remaining())
+        return search_pb2.SearchResponse(
+            hits=[_hit(h) for h in result.hits],
+            target=_TARGETS_OUT[result.target],
+            timings=search_pb2.SearchTimings(embed_ms=result.embed_ms, milvus_ms=result.milvus_ms, total_ms=result.total_ms),
+        )
+
+    async def Ingest(
+        self, request_iterator: AsyncIterator[search_pb2.IngestRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[search_pb2.IngestResponse]:
+        async def items() -> AsyncIterator[IngestItem]:
+            index = 0
+            async for request in request_iterator:
+                for it in request.items:
+                    yield _ingest_item(index, it)
+                    index += 1
+
+        async for outcomes, progress in self.pipeline.run(items(), context.time_remaining):
+            yield search_pb2.IngestResponse(outcomes=[_outcome(o) for o in outcomes], progress=_progress(progress))
+
+    async def Get(self, request: search_pb2.GetRequest, context: grpc.aio.ServicerContext) -> search_pb2.GetResponse:
+        ids = _ids(request.ids)
+        rows = await self.store.get(ids)
+        records = [
+            search_pb2.Record(
+                id=r["id"], uri=r.get("uri", ""), caption=r.get("caption", ""), keywords=r.get("keywords") or [],
+                metadata_json=metadata_json(r.get("metadata")), embedder_model_id=r.get("embedder_model_id", ""),
+                captioner_model_id=r.get("captioner_model_id", ""), ingested_at=_timestamp(r.get("ingested_at_ms")),
+                content_sha256=r.get("content_sha256", ""),
+            )
+            for i in ids if (r := rows.get(i)) is not None
+        ]
+        return search_pb2.GetResponse(records=records, missing_ids=[i for i in ids if i not in rows])
+
+    async def Delete(self, request: search_pb2.DeleteRequest, context: grpc.aio.ServicerContext) -> search_pb2.DeleteResponse:
+        return search_pb2.DeleteResponse(deleted_count=await self.store.delete(_ids(request.ids)))
+
+    async def Stats(self, request: search_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> search_pb2.StatsResponse:
+        extra = await self.stats_extra()
+        return search_pb2.StatsResponse(
+            collection=self.store.collection, item_count=await self.store.count(),
+            embedder_model_id=extra["embedder_model_id"], dimension=extra["dimension"],
+            captioner_model_id=extra["captioner_model_id"], index_type=await self.store.index_type(),
+            metric_type=self.store.settings.metric_type, milvus_mode=self.store.mode,
+        )
+
+
+def _ingest_item(index: int, it: search_pb2.IngestItem) -> IngestItem:
+    # An item without an image still gets an outcome: intake fails it with a clear reason.
+    image = image_ref_from_proto(it.image) if it.image.WhichOneof("source") else ImageRef()
+    caption = CaptionInput(it.caption.description, list(it.caption.keywords)) if it.HasField("caption") else None
+    return IngestItem(index, image, it.id, it.metadata_json, caption, it.source_uri)
+
+
+def _outcome(o: Outcome) -> search_pb2.ItemOutcome:
+    return search_pb2.ItemOutcome(index=o.index, id=o.id, status=_STATUS[o.status], error=_error(o.error))
+
+
+def _progress(p: Progress) -> search_pb2.IngestProgress:
+    return search_pb2.IngestProgress(
+        received=p.received, stored=p.stored, unchanged=p.unchanged, failed=p.failed, in_flight=p.in_flight
+    )

@@ -1,0 +1,62 @@
+"""Search service settings (environment prefix SEARCH_)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import SettingsConfigDict
+
+from services.common.settings import ClientTlsSettings, ServerSettings
+
+
+class SearchSettings(ServerSettings):
+    model_config = SettingsConfigDict(env_prefix="SEARCH_", env_nested_delimiter="__", extra="ignore")
+
+    grpc_port: int = 50050
+    metrics_port: int = 9100
+
+    # --- Milvus -------------------------------------------------------------------
+    # A file path (embedded Milvus Lite) or a server address such as http://milvus:19530.
+    milvus_uri: str = "./var/mmsearch.db"
+    milvus_token: SecretStr | None = None
+    milvus_db_name: str = ""
+    collection: str = "mmsearch"
+    index_type: Literal["HNSW", "IVF_FLAT", "FLAT", "AUTOINDEX"] = "HNSW"
+    metric_type: Literal["COSINE", "IP", "L2"] = "COSINE"
+    hnsw_m: int = 16
+    hnsw_ef_construction: int = 200
+    # Search-time candidate list; raised to offset + top_k when that is larger.
+    hnsw_ef: int = 128
+    ivf_nlist: int = 1024
+    ivf_nprobe: int = 32
+    milvus_timeout_s: float = 10.0
+    milvus_threads: int = 8
+
+    # --- upstream services ------------------------------------------------------------
+    embedder_target: str = "127.0.0.1:50051"
+    captioner_target: str = "127.0.0.1:50052"
+    upstream_tls: ClientTlsSettings = Field(default_factory=ClientTlsSettings)
+    # Per-call timeout toward the embedder / captioner (also capped by the caller's deadline).
+    upstream_timeout_s: float = 60.0
+    # gRPC-level attempts on UNAVAILABLE (exponential backoff with jitter), per call.
+    upstream_attempts: int = 4
+
+    # --- ingest pipeline --------------------------------------------------------------
+    decode_workers: int = 4
+    caption_concurrency: int = 8
+    embed_batch_items: int = 16  # images per Embed call (each adds its caption: 2 items)
+    upsert_batch_items: int = 64
+    batch_wait_ms: float = 20.0
+    # Items received but not yet decided, per Ingest call; the stream is not read further.
+    max_in_flight_items: int = 256
+    max_metadata_bytes: int = 64 * 1024
+    max_metadata_depth: int = 8
+
+    # --- search -------------------------------------------------------------------------
+    default_top_k: int = 10
+    max_top_k: int = 1000
+    # Milvus' own bound on offset + limit.
+    max_window: int = 16384
+    max_filter_chars: int = 2048
+    max_concurrent_searches: int = 64
+    max_waiting_searches: int = 256

@@ -1,0 +1,126 @@
+"""Clients for the embedder and captioner services, as the search domain sees them.
+
+One long-lived channel per upstream (with gRPC's retry policy on UNAVAILABLE); upstream
+status codes become domain errors so the pipeline never handles grpc types.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mmsearch.captioner.v1 import captioner_pb2, captioner_pb2_grpc
+from mmsearch.common.v1 import types_pb2
+from mmsearch.embedder.v1 import embedder_pb2, embedder_pb2_grpc
+from services.common.channels import create_channel
+from services.common.convert import Content, content_to_proto
+from services.common.errors import DeadlineExceeded, InvalidInput, Overloaded, ServiceError, Unavailable
+from services.search.settings import SearchSettings
+
+
+@dataclass(frozen=True)
+class EmbedderInfo:
+    model_id: str
+    dimension: int
+    composed_native: bool
+    max_batch_items: int
+
+
+@dataclass(frozen=True)
+class CaptionResult:
+    description: str
+    keywords: list[str]
+    model_id: str
+
+
+def _domain_error(who: str, e: grpc.aio.AioRpcError) -> ServiceError:
+    message = f"{who}: {e.code().name}: {e.details()}"
+    code = e.code()
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidInput(message)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return Overloaded(message)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded(message)
+    return Unavailable(message)
+
+
+async def _serving(channel: grpc.aio.Channel, timeout_s: float) -> bool:
+    try:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+    except grpc.aio.AioRpcError:
+        return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+class EmbedderClient:
+    def __init__(self, settings: SearchSettings) -> None:
+        self._channel = create_channel(
+            settings.embedder_target, settings.upstream_tls, settings.max_send_message_bytes, settings.upstream_attempts
+        )
+        self._stub = embedder_pb2_grpc.EmbedderStub(self._channel)
+        self._timeout_s = settings.upstream_timeout_s
+
+    async def info(self) -> EmbedderInfo:
+        try:
+            r = await self._stub.Info(embedder_pb2.InfoRequest(), timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise _domain_error("embedder", e) from None
+        return EmbedderInfo(r.model_id, r.dimension, r.composed_native, r.max_batch_items)
+
+    async def embed(self, items: Sequence[Content], timeout_s: float | None = None) -> tuple[np.ndarray, str]:
+        """Returns (vectors [N, dim] float32, model id)."""
+        return await self.embed_proto([content_to_proto(c) for c in items], timeout_s)
+
+    async def embed_proto(
+        self, items: Sequence[types_pb2.Content], timeout_s: float | None = None
+    ) -> tuple[np.ndarray, str]:
+        try:
+            reply = await self._stub.Embed(
+                embedder_pb2.EmbedRequest(items=items), timeout=min(timeout_s or self._timeout_s, self._timeout_s)
+            )
+        except grpc.aio.AioRpcError as e:
+            raise _domain_error("embedder", e) from None
+        vectors = np.array([e.values for e in reply.embeddings], dtype=np.float32)
+        return vectors, reply.model_id
+
+    async def serving(self) -> bool:
+        return await _serving(self._channel, 2.0)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+class CaptionerClient:
+    def __init__(self, settings: SearchSettings) -> None:
+        self._channel = create_channel(
+            settings.captioner_target, settings.upstream_tls, settings.max_send_message_bytes, settings.upstream_attempts
+        )
+        self._stub = captioner_pb2_grpc.CaptionerStub(self._channel)
+        self._timeout_s = settings.upstream_timeout_s
+
+    async def caption(self, image_bytes: bytes, timeout_s: float | None = None) -> CaptionResult:
+        try:
+            reply = await self._stub.Caption(
+                captioner_pb2.CaptionRequest(image=types_pb2.Image(data=image_bytes)),
+                timeout=min(timeout_s or self._timeout_s, self._timeout_s),
+            )
+        except grpc.aio.AioRpcError as e:
+            raise _domain_error("captioner", e) from None
+        c = reply.caption
+        return CaptionResult(c.description, list(c.keywords), c.model_id)
+
+    async def model_id(self) -> str:
+        try:
+            return (await self._stub.Info(captioner_pb2.InfoRequest(), timeout=5.0)).model_id
+        except grpc.aio.AioRpcError:
+            return ""
+
+    async def serving(self) -> bool:
+        return await _serving(self._channel, 2.0)
+
+    async def close(self) -> None:
+        await self._channel.close()

@@ -1,0 +1,71 @@
+"""Checks on caller input that Milvus would otherwise reject late or not at all."""
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+import numpy as np
+
+from services.common.errors import InvalidInput
+from services.search import fields as F
+
+_ID = re.compile(r"^[A-Za-z0-9_.:/\-]{1,%d}$" % F.MAX_ID_CHARS)
+
+
+def check_id(item_id: str) -> str:
+    if not _ID.match(item_id):
+        raise InvalidInput(f"id {item_id[:80]!r} is invalid: use 1 to {F.MAX_ID_CHARS} characters of [A-Za-z0-9_.:/-]")
+    return item_id
+
+
+def _depth(value: Any, limit: int, level: int = 1) -> None:
+    if level > limit:
+        raise InvalidInput(f"metadata nests deeper than {limit} levels")
+    if isinstance(value, dict):
+        for v in value.values():
+            _depth(v, limit, level + 1)
+    elif isinstance(value, list):
+        for v in value:
+            _depth(v, limit, level + 1)
+
+
+def parse_metadata(text: str, max_bytes: int, max_depth: int) -> dict[str, Any]:
+    if not text:
+        return {}
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        raise InvalidInput(f"metadata_json is {size} bytes, more than the limit of {max_bytes}")
+    try:
+        # Recursion in json is bounded by our depth check; reject NaN/Infinity (not JSON).
+        value = json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(f"{c} is not valid JSON")))
+    except RecursionError:
+        raise InvalidInput(f"metadata nests deeper than {max_depth} levels") from None
+    except ValueError as e:
+        raise InvalidInput(f"metadata_json is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise InvalidInput(f"metadata_json must be a JSON object, got {type(value).__name__}")
+    _depth(value, max_depth)
+    return value
+
+
+def check_filter(expr: str, max_chars: int) -> str:
+    """Length and character limits; Milvus expressions are read-only by construction."""
+    if len(expr) > max_chars:
+        raise InvalidInput(f"filter is {len(expr)} characters, more than the limit of {max_chars}")
+    if any(ord(ch) < 32 and ch not in "\t\n\r" for ch in expr):
+        raise InvalidInput("filter contains control characters")
+    return expr.strip()
+
+
+def check_vector(values: list[float] | np.ndarray, dimension: int) -> np.ndarray:
+    vector = np.asarray(values, dtype=np.float32)
+    if vector.shape != (dimension,):
+        raise InvalidInput(f"query_vector has {vector.size} values, the collection's dimension is {dimension}")
+    if not np.all(np.isfinite(vector)):
+        raise InvalidInput("query_vector contains NaN or infinity")
+    norm = float(np.linalg.norm(vector))
+    if norm == 0.0 or math.isnan(norm):
+        raise InvalidInput("query_vector is all zeros")
+    return vector
