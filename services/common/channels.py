@@ -16,6 +16,9 @@ from services.common.settings import ClientTlsSettings, MiB
 def retry_service_config(max_attempts: int = 4, initial_backoff_s: float = 0.1, max_backoff_s: float = 2.0) -> str:
     return json.dumps(
         {
+            # Spread calls over every address a headless Service resolves to, so replicas
+            # added by the autoscaler get traffic (the default pick_first would not).
+            "loadBalancingConfig": [{"round_robin": {}}],
             "methodConfig": [
                 {
                     "name": [{}],  # every method of every service on this channel
@@ -38,7 +41,10 @@ def create_channel(
     max_message_bytes: int = 64 * MiB,
     retry_attempts: int = 4,
 ) -> grpc.aio.Channel:
-    """One long-lived channel per upstream; never one per request."""
+    """One long-lived channel per upstream; never one per request.
+
+    Use `dns:///name:port` targets for headless Services so round_robin sees every pod.
+    """
     options: list[tuple[str, object]] = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),

@@ -28,6 +28,9 @@ from services.common.settings import ServerSettings
 log = get_logger(__name__)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
+# A health name that stays SERVING while the process runs: liveness probes use it, so a
+# dependency outage (NOT_SERVING readiness) never makes Kubernetes restart the pod.
+LIVENESS = "liveness"
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
@@ -120,6 +123,10 @@ async def start_server(settings: ServerSettings, app: GrpcApp) -> RunningServer:
         options=[
             ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
             ("grpc.max_send_message_length", settings.max_send_message_bytes),
+            # Clients re-resolve and rebalance when connections age out, so new replicas
+            # get traffic; the grace lets in-flight calls finish on the old connection.
+            ("grpc.max_connection_age_ms", settings.max_connection_age_s * 1000),
+            ("grpc.max_connection_age_grace_ms", int(settings.shutdown_grace_s * 1000)),
         ],
     )
     health = HealthServicer()
@@ -137,6 +144,7 @@ async def start_server(settings: ServerSettings, app: GrpcApp) -> RunningServer:
         metrics_http, metrics_port = start_metrics_server(settings.metrics_port, settings.host)
     running = RunningServer(server, port, metrics_port, health, app, _metrics_http=metrics_http)
     await running.set_serving(False)
+    await health.set(LIVENESS, SERVING)
     await server.start()  # health answers NOT_SERVING while models load
     log.info("loading", app=app.name, port=port, metrics_port=metrics_port, tls=creds is not None)
     await app.on_start()

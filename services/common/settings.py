@@ -79,6 +79,8 @@ class ServerSettings(BaseSettings):
     max_concurrent_rpcs: int | None = None
     # On SIGTERM: health turns NOT_SERVING, then in-flight calls get this long to finish.
     shutdown_grace_s: float = 20.0
+    # Connections are closed after this age so clients rebalance onto new replicas.
+    max_connection_age_s: int = 300
     log_level: str = "INFO"
     log_json: bool = True
     tls: TlsSettings = Field(default_factory=TlsSettings)
