@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from pydantic import BaseModel
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_random_exponential
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, stop_before_delay, wait_random_exponential
 
 
 class RetrySettings(BaseModel):
@@ -28,7 +28,8 @@ def upstream_retrying(
     """Use as `async for attempt in upstream_retrying(...): with attempt: ...`."""
     budget = settings.budget_s if deadline_s is None else max(0.0, min(settings.budget_s, deadline_s))
     return AsyncRetrying(
-        stop=stop_after_attempt(settings.max_attempts) | stop_after_delay(budget),
+        # stop_before_delay: never start a backoff sleep that would end past the budget.
+        stop=stop_after_attempt(settings.max_attempts) | stop_before_delay(budget),
         wait=wait_random_exponential(multiplier=settings.initial_backoff_s, max=settings.max_backoff_s),
         retry=retry_if_exception(retryable),
         reraise=True,

@@ -50,7 +50,7 @@ async def start_embedder() -> RunningServer:
 
 
 async def start_captioner() -> RunningServer:
-    from services.captioner.app import create_app as build_app
+    from services.captioner.app import build_app
     from services.captioner.settings import CaptionerSettings
 
     settings = CaptionerSettings(host="127.0.0.1", grpc_port=0, metrics_port=-1)

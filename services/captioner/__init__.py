@@ -1,0 +1,1 @@
+"""Captioner service: image -> short description + keywords (Qwen-VL or an offline model)."""

@@ -1,0 +1,37 @@
+"""The captioner's own Prometheus series (the standard gRPC ones come from services.common).
+
+Module level, in the process-wide default registry: one process serves one backend.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+CAPTIONS = Counter(
+    "captioner_captions_total",
+    "Captions requested, by backend and outcome (ok or the gRPC status name, lower case).",
+    ("backend", "outcome"),
+)
+UPSTREAM_SECONDS = Histogram(
+    "captioner_upstream_seconds",
+    "Duration of one upstream attempt (remote API call, or one lite model run).",
+    ("backend",),
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60),
+)
+UPSTREAM_RETRIES = Counter(
+    "captioner_upstream_retries_total",
+    "Upstream attempts that failed with a retryable error and were retried.",
+    ("backend",),
+)
+UPSTREAM_ERRORS = Counter(
+    "captioner_upstream_errors_total",
+    "Failed upstream attempts, by kind (rate_limited, server, timeout, connection, rejected, auth, malformed).",
+    ("backend", "kind"),
+)
+UPSTREAM_INFLIGHT = Gauge("captioner_upstream_inflight", "Upstream attempts in flight.", ("backend",))
+UPSTREAM_WAITING = Gauge(
+    "captioner_upstream_waiting", "Calls waiting for a free upstream slot (max_concurrency).", ("backend",)
+)
+CACHE_HITS = Counter("captioner_cache_hits_total", "Captions served from the LRU cache.")
+CACHE_MISSES = Counter("captioner_cache_misses_total", "Caption lookups that missed the cache.")
+CACHE_ENTRIES = Gauge("captioner_cache_entries", "Captions held in the LRU cache.")
