@@ -41,7 +41,7 @@ class SearchQuery:
     vector: list[float] | None = None
     target: Target = Target.IMAGE
     fusion: Fusion = field(default_factory=Fusion)
-    top_k: int = 0  # 0 = server default
+    top_k: int = 10
     offset: int = 0
     filter: str = ""
     output_fields: tuple[str, ...] = ()
@@ -84,7 +84,7 @@ class SearchEngine:
 
     def _validate(self, q: SearchQuery) -> tuple[int, list[str], str]:
         s = self.settings
-        top_k = q.top_k or s.default_top_k
+        top_k = q.top_k
         if not 1 <= top_k <= s.max_top_k:
             raise InvalidInput(f"top_k must be between 1 and {s.max_top_k}, got {q.top_k}")
         if q.offset < 0:
@@ -133,7 +133,9 @@ class SearchEngine:
             milvus_fields = [F.OUTPUT_FIELDS[n] for n in names]
             if q.target is Target.HYBRID:
                 weights = (q.fusion.image_weight, q.fusion.caption_weight) if q.fusion.weighted else None
-                raw = await self.store.hybrid_search(vector, top_k, q.offset, expr, milvus_fields, q.fusion.rrf_k, weights)
+                raw = await self.store.hybrid_search(
+                    vector, top_k, q.offset, expr, milvus_fields, q.fusion.rrf_k, weights
+                )
             else:
                 anns = F.IMAGE_VECTOR if q.target is Target.IMAGE else F.CAPTION_VECTOR
                 raw = await self.store.search(vector, anns, top_k, q.offset, expr, milvus_fields)

@@ -63,6 +63,11 @@ def _is_connection_error(e: BaseException) -> bool:
     return any(s in text for s in ("unavailable", "connect", "deadline", "timeout", "closed channel", "fail connecting"))
 
 
+def _is_released(e: MilvusException) -> bool:
+    text = str(e).lower()
+    return "released" in text or "not loaded" in text
+
+
 class MilvusStore:
     def __init__(self, settings: SearchSettings) -> None:
         self.settings = settings
@@ -109,7 +114,14 @@ class MilvusStore:
                 MILVUS_SECONDS.labels(op).observe(time.perf_counter() - start)
 
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, run)
+            try:
+                return await asyncio.get_running_loop().run_in_executor(self._pool, run)
+            except MilvusException as e:
+                if not _is_released(e):
+                    raise
+                # A restarted Milvus comes back with the collection released: load it, retry once.
+                await asyncio.get_running_loop().run_in_executor(self._pool, self._load)
+                return await asyncio.get_running_loop().run_in_executor(self._pool, run)
         except MilvusException as e:
             if _is_connection_error(e):
                 self._drop_client()
@@ -141,9 +153,20 @@ class MilvusStore:
 
     # --- lifecycle ----------------------------------------------------------------------
 
+    def _load(self) -> None:
+        self._get_client().load_collection(self.collection)
+
     async def ping(self) -> bool:
-        await self._call("ping", lambda c: c.has_collection(self.collection))
-        return True
+        """Milvus answers and the collection is loaded (loading it again after a restart)."""
+
+        def run(c: MilvusClient) -> bool:
+            if c.has_collection(self.collection):
+                state = str(c.get_load_state(self.collection).get("state", ""))
+                if "NotLoad" in state:
+                    c.load_collection(self.collection)
+            return True
+
+        return await self._call("ping", run)
 
     async def ensure_collection(self, model_id: str, dimension: int) -> None:
         """Creates the collection, or checks that it was built by this embedding model."""
@@ -261,10 +284,11 @@ class MilvusStore:
     ) -> list[RawHit]:
         """Searches both vector fields and fuses them in Milvus (RRF or weighted)."""
         window = offset + top_k
+        candidates = max(window, self.settings.hybrid_candidates)
 
         def run(c: MilvusClient) -> Any:
-            params = self._search_params(window)
-            reqs = [AnnSearchRequest([vector], field, params, limit=window, expr=filter_expr or None)
+            params = self._search_params(candidates)
+            reqs = [AnnSearchRequest([vector], field, params, limit=candidates, expr=filter_expr or None)
                     for field in (F.IMAGE_VECTOR, F.CAPTION_VECTOR)]
             ranker = WeightedRanker(*weights) if weights else RRFRanker(rrf_k or 60)
             return c.hybrid_search(self.collection, reqs, ranker, limit=window, output_fields=output_fields)

@@ -53,10 +53,13 @@ class SearchSettings(ServerSettings):
     max_metadata_depth: int = 8
 
     # --- search -------------------------------------------------------------------------
-    default_top_k: int = 10
     max_top_k: int = 1000
     # Milvus' own bound on offset + limit.
     max_window: int = 16384
     max_filter_chars: int = 2048
+    # Candidates each vector field contributes to hybrid fusion. Fixed (not derived from
+    # offset + top_k) so that pages of a hybrid ranking concatenate exactly; pages beyond
+    # it are computed with a larger window.
+    hybrid_candidates: int = 256
     max_concurrent_searches: int = 64
     max_waiting_searches: int = 256

@@ -85,10 +85,12 @@ async def ingest(stub: search_pb2_grpc.SearchStub, items: Iterable[search_pb2.In
 
 
 def text_query(text: str, target: int = search_pb2.TARGET_IMAGE, **kw: object) -> search_pb2.SearchRequest:
+    kw.setdefault("top_k", 5)
     return search_pb2.SearchRequest(query=types_pb2.Content(text=text), target=target, **kw)  # type: ignore[arg-type]
 
 
 def image_query(data: bytes, target: int = search_pb2.TARGET_IMAGE, **kw: object) -> search_pb2.SearchRequest:
+    kw.setdefault("top_k", 5)
     return search_pb2.SearchRequest(query=types_pb2.Content(image=types_pb2.Image(data=data)), target=target, **kw)  # type: ignore[arg-type]
 
 

@@ -129,7 +129,7 @@ async def test_composed_and_hybrid_give_sensible_different_rankings(stub, photos
 async def test_filters_are_exact(stub, photos, ingested) -> None:  # type: ignore[no-untyped-def]
     reply = await stub.Search(text_query("a cat", top_k=100, filter='metadata["group"] == "b"'))
     assert {name_of(h) for h in reply.hits} == {p for p in photos if p not in GROUP_A}
-    reply = await stub.Search(text_query("a cat", top_k=100, filter='metadata["name"] in ["rocket", "coffee"]'))
+    reply = await stub.Search(text_query("a cat", top_k=100, filter='metadata["name"] == "rocket" or metadata["name"] == "coffee"'))
     assert {name_of(h) for h in reply.hits} == {"rocket", "coffee"}
     hybrid = await stub.Search(text_query("a cat", target=search_pb2.TARGET_HYBRID, top_k=100,
                                           filter='metadata["group"] == "a"'))
@@ -172,11 +172,14 @@ async def test_output_fields_and_get(stub, photos, ingested) -> None:  # type: i
         (text_query("a cat", filter="x" * 5000), "filter is 5000 characters"),
         (text_query("a cat", output_fields=["password"]), "unknown output fields"),
         (text_query("   "), "empty"),
-        (search_pb2.SearchRequest(), "exactly one"),
-        (search_pb2.SearchRequest(query_vector=types_pb2.Embedding(values=[1.0, 2.0])), "dimension"),
-        (search_pb2.SearchRequest(query=types_pb2.Content(composed=types_pb2.Composed(instruction="black"))), "no image"),
+        (search_pb2.SearchRequest(top_k=5), "exactly one"),
+        (search_pb2.SearchRequest(query_vector=types_pb2.Embedding(values=[1.0, 2.0]), top_k=5), "dimension"),
+        (search_pb2.SearchRequest(query_vector=types_pb2.Embedding(values=[float("nan")] * 384), top_k=5), "NaN"),
+        (search_pb2.SearchRequest(query=types_pb2.Content(composed=types_pb2.Composed(instruction="black")), top_k=5),
+         "no image"),
         (image_query(b"\xff\xd8\xff\xe0 not really a jpeg"), "embedder"),
-        (search_pb2.SearchRequest(query=types_pb2.Content(text="x"), target=42), "target"),
+        (search_pb2.SearchRequest(query=types_pb2.Content(text="x"), target=42, top_k=5), "target"),
+        (text_query("a cat", top_k=10, offset=16380), "offset + top_k"),
     ],
 )
 async def test_bad_search_requests_are_invalid_argument(stub, ingested, request_, message: str) -> None:  # type: ignore[no-untyped-def]
@@ -195,7 +198,7 @@ async def test_bad_ingest_items_fail_alone(stub, photos, ingested) -> None:  # t
         search_pb2.IngestItem(image=types_pb2.Image(data=photos["cat"].data), id="bad id with spaces"),
         search_pb2.IngestItem(image=types_pb2.Image(uri="file:///etc/passwd")),
         search_pb2.IngestItem(image=types_pb2.Image(data=photos["cat"].data), metadata_json='{"a": ' * 50 + "1" + "}" * 50),
-        search_pb2.IngestItem(image=types_pb2.Image(data=photos["cat"].data)),  # fine: unchanged
+        items({"cat": photos["cat"]})[0],  # the same item as stored: unchanged
     ]
     outcomes, progress = await ingest(stub, bad)
     statuses = [outcomes[i].status for i in range(len(bad))]
