@@ -1,0 +1,1 @@
+"""The `mmsearch` command line (Typer + rich). Entry point: `mmsearch.cli.main:app`."""

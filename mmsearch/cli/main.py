@@ -1,0 +1,483 @@
+"""`mmsearch`: run the local suite, ingest, search (with contact sheets), manage items.
+
+Connection options (`--address`, `--token`, TLS) come before the command and also
+read the environment (MMSEARCH_ADDRESS, MMSEARCH_TOKEN, ...):
+
+    mmsearch up
+    mmsearch ingest photos/reverse_image_search.csv
+    mmsearch search --text "a cat" --out cat.png
+    mmsearch --address search.prod:443 --tls --token "$TOKEN" stats
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from mmsearch.cli import output
+from mmsearch.cli.discovery import DiscoveryError, LocalItem, discover
+from mmsearch.client import (
+    DEFAULT_ADDRESS,
+    ConnectionConfig,
+    Fusion,
+    FusionMethod,
+    IngestItem,
+    IngestSummary,
+    IngestUpdate,
+    SearchClient,
+    SearchError,
+    SearchResult,
+    Target,
+    check_health,
+)
+from mmsearch.suite import LocalSuite, SuiteConfig, SuiteError, install_interrupt_handlers, wait_forever
+
+app = typer.Typer(
+    name="mmsearch",
+    help="Multimodal image search on Milvus: run the local suite, ingest images, search by text, image or both.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+class Mode(str, Enum):
+    image = "image"
+    caption = "caption"
+    hybrid = "hybrid"
+
+
+class FusionChoice(str, Enum):
+    rrf = "rrf"
+    weighted = "weighted"
+
+
+@dataclass
+class Connection:
+    """The global options: where the search service is and how to talk to it."""
+
+    address: str = DEFAULT_ADDRESS
+    address_given: bool = False
+    token: str | None = None
+    tls: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    server_name: str | None = None
+    timeout: float = 30.0
+
+    def config(self, address: str | None = None) -> ConnectionConfig:
+        return ConnectionConfig(
+            address=address or self.address,
+            token=self.token,
+            tls=self.tls,
+            root_cert=self.ca_file,
+            client_cert=self.cert_file,
+            client_key=self.key_file,
+            server_name=self.server_name,
+        )
+
+    def client(self, address: str | None = None) -> SearchClient:
+        return SearchClient.from_config(self.config(address), timeout=self.timeout)
+
+
+def _conn(ctx: typer.Context) -> Connection:
+    obj = ctx.find_root().obj
+    return obj if isinstance(obj, Connection) else Connection()
+
+
+def _fail(message: str, code: int = 1, hint: str = "") -> typer.Exit:
+    """Prints `error: message` (taken literally: server messages may hold brackets) and a hint."""
+    output.err_console.print(Text.assemble(("error: ", "bold red"), message), highlight=False, soft_wrap=True)
+    if hint:
+        output.err_console.print(hint, highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _call_error(e: SearchError, address: str) -> typer.Exit:
+    hint = ""
+    if e.code.name == "UNAVAILABLE":
+        hint = f"  is the suite running? start it with [bold]mmsearch up[/] (or pass --address; now {escape(address)})"
+    elif e.code.name == "UNAUTHENTICATED":
+        hint = "  pass --token or set MMSEARCH_TOKEN"
+    return _fail(f"{e.method or 'call'} failed: {e.code.name}: {e.details}", hint=hint)
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    address: Annotated[
+        str | None, typer.Option(envvar="MMSEARCH_ADDRESS", help=f"Search service host:port (default {DEFAULT_ADDRESS}).")
+    ] = None,
+    token: Annotated[str | None, typer.Option(envvar="MMSEARCH_TOKEN", help="Bearer token.", show_default=False)] = None,
+    tls: Annotated[bool, typer.Option("--tls/--no-tls", envvar="MMSEARCH_TLS", help="Use TLS (system roots unless --ca-file).")] = False,
+    ca_file: Annotated[Path | None, typer.Option(envvar="MMSEARCH_CA_FILE", help="CA bundle for the server certificate (implies --tls).")] = None,
+    cert_file: Annotated[Path | None, typer.Option(envvar="MMSEARCH_CERT_FILE", help="Client certificate for mTLS.")] = None,
+    key_file: Annotated[Path | None, typer.Option(envvar="MMSEARCH_KEY_FILE", help="Client key for mTLS.")] = None,
+    server_name: Annotated[str | None, typer.Option(envvar="MMSEARCH_SERVER_NAME", help="Override the TLS server name.")] = None,
+    timeout: Annotated[float, typer.Option(envvar="MMSEARCH_TIMEOUT", help="Deadline per call, seconds.")] = 30.0,
+) -> None:
+    ctx.obj = Connection(
+        address=address or DEFAULT_ADDRESS,
+        address_given=address is not None,
+        token=token or None,
+        tls=tls,
+        ca_file=ca_file,
+        cert_file=cert_file,
+        key_file=key_file,
+        server_name=server_name,
+        timeout=timeout,
+    )
+
+
+# ---------------------------------------------------------------------------- up
+
+
+@app.command()
+def up(
+    data_dir: Annotated[Path, typer.Option(help="Where Milvus Lite data, logs and suite.json live.")] = Path("var"),
+    milvus_server: Annotated[bool, typer.Option("--milvus-server", help="Run Milvus Lite as a gRPC server process instead of embedded.")] = False,
+    milvus_uri: Annotated[str | None, typer.Option(envvar="MMSEARCH_MILVUS_URI", help="Use an existing Milvus (http://host:19530) instead of starting one.")] = None,
+    embedder_backend: Annotated[str | None, typer.Option(help="Embedder backend (lite, clip, bge, dashscope); default: its settings.")] = None,
+    captioner_backend: Annotated[str | None, typer.Option(help="Captioner backend (lite, dashscope, openai); default: its settings.")] = None,
+    search_port: Annotated[int, typer.Option(help="Search service port.")] = 50050,
+    embedder_port: Annotated[int, typer.Option(help="Embedder port.")] = 50051,
+    captioner_port: Annotated[int, typer.Option(help="Captioner port.")] = 50052,
+    milvus_port: Annotated[int, typer.Option(help="Milvus Lite server port (with --milvus-server).")] = 19530,
+    metrics: Annotated[bool, typer.Option("--metrics/--no-metrics", help="Prometheus endpoints on 9100-9102.")] = True,
+    file_root: Annotated[Path | None, typer.Option(help="Folder the search service may read file:// URIs from.")] = None,
+    start_timeout: Annotated[float, typer.Option(help="Seconds each service may take to become SERVING.")] = 300.0,
+    log_level: Annotated[str | None, typer.Option(help="Services' log level (DEBUG, INFO, ...).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Show only warnings and errors from the services.")] = False,
+) -> None:
+    """Start Milvus (embedded Milvus Lite by default), the embedder, the captioner and the search service; Ctrl-C stops them."""
+    config = SuiteConfig(
+        data_dir=data_dir,
+        search_port=search_port,
+        embedder_port=embedder_port,
+        captioner_port=captioner_port,
+        milvus_port=milvus_port,
+        metrics=metrics,
+        milvus="server" if milvus_server else "embedded",
+        milvus_uri=milvus_uri,
+        embedder_backend=embedder_backend,
+        captioner_backend=captioner_backend,
+        file_root=file_root,
+        log_level=log_level,
+        start_timeout_s=start_timeout,
+    )
+    printer = output.SuiteLogPrinter(quiet_levels=("debug", "info") if quiet else ())
+    ready_lines: list[str] = []
+
+    def on_ready(name: str, address: str, took: float) -> None:
+        output.err_console.print(f"[bold green]✓[/] {name} ready on {address} ({took:.1f}s)")
+        ready_lines.append(f"{name:<10} {address}")
+
+    suite = LocalSuite(config, on_line=printer, on_ready=on_ready)
+    restore = install_interrupt_handlers()
+    output.err_console.print(
+        f"starting the mmsearch suite · data in [bold]{escape(str(suite.data_dir))}[/] · Milvus: {escape(suite.milvus_uri)}"
+    )
+    try:
+        with suite:
+            output.err_console.print(
+                Panel.fit(
+                    "\n".join(ready_lines)
+                    + f"\n\ntry:  mmsearch --address {suite.search_address} demo"
+                    + "\n      mmsearch ingest PATH;  mmsearch search --text 'a cat' --out cat.png"
+                    + "\n\nCtrl-C stops everything",
+                    title="mmsearch suite ready",
+                    border_style="green",
+                )
+            )
+            wait_forever(suite)
+    except KeyboardInterrupt:
+        output.err_console.print("stopped: all services shut down")
+    except SuiteError as e:
+        raise _fail(str(e)) from None
+    finally:
+        restore()
+
+
+# ---------------------------------------------------------------------------- ingest
+
+
+def _ingest_items(items: list[LocalItem]) -> list[IngestItem]:
+    return [IngestItem(image=it.path, id=it.id, metadata=it.metadata or None) for it in items]
+
+
+def run_ingest(client: SearchClient, items: list[LocalItem], chunk_size: int = 8, show_progress: bool = True) -> IngestSummary:
+    """Streams items with a progress bar fed by the server's counts; returns the summary."""
+    summary = IngestSummary()
+    with output.ingest_progress() as progress:
+        task = progress.add_task("ingest", total=len(items), stored=0, unchanged=0, failed=0, visible=show_progress)
+
+        def on_update(update: IngestUpdate) -> None:
+            p = update.progress
+            progress.update(task, completed=p.done, stored=p.stored, unchanged=p.unchanged, failed=p.failed)
+
+        summary = client.ingest_all(_ingest_items(items), chunk_size=chunk_size, on_update=on_update)
+    return summary
+
+
+def print_ingest_summary(summary: IngestSummary, items: list[LocalItem]) -> None:
+    line = (
+        f"[green]{summary.stored} stored[/] · {summary.unchanged} unchanged · "
+        f"[{'red' if summary.failed else 'dim'}]{summary.failed} failed[/] of {len(items)} items"
+    )
+    output.console.print(line)
+    if summary.failures:
+        output.console.print(output.failures_table(summary.failures, [str(it.path) for it in items]))
+
+
+@app.command()
+def ingest(
+    ctx: typer.Context,
+    path: Annotated[str, typer.Argument(help="A folder (recursive), a glob ('photos/**/*.jpg'), an image, or a CSV with id,path,label.")],
+    chunk_size: Annotated[int, typer.Option(min=1, max=256, help="Items per stream message.")] = 8,
+    as_json: Annotated[bool, typer.Option("--json", help="Print every outcome as JSON.")] = False,
+) -> None:
+    """Index images: caption, embed and store them. Exit code 1 when any item failed."""
+    conn = _conn(ctx)
+    try:
+        items = discover(path)
+    except DiscoveryError as e:
+        raise _fail(str(e)) from None
+    with conn.client() as client:
+        try:
+            summary = run_ingest(client, items, chunk_size, show_progress=not as_json)
+        except SearchError as e:
+            raise _call_error(e, conn.address) from None
+    if as_json:
+        output.print_json(
+            {
+                "stored": summary.stored,
+                "unchanged": summary.unchanged,
+                "failed": summary.failed,
+                "outcomes": [
+                    {**output.to_jsonable(o), "path": str(items[o.index].path)} for o in summary.outcomes
+                ],
+            }
+        )
+    else:
+        print_ingest_summary(summary, items)
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------------------- search
+
+
+@dataclass
+class QuerySpec:
+    text: str | None = None
+    image: str | None = None
+    instruction: str | None = None
+    target: Target = Target.IMAGE
+    fusion: Fusion | None = None
+    top_k: int = 10
+    offset: int = 0
+    filter: str = ""
+
+    @property
+    def label(self) -> str:
+        return output.query_label(self.text, self.image, self.instruction, self.target)
+
+    def run(self, client: SearchClient) -> SearchResult:
+        return client.search(
+            self.text,
+            image=self.image if self.image else None,
+            instruction=self.instruction,
+            target=self.target,
+            fusion=self.fusion,
+            top_k=self.top_k,
+            offset=self.offset,
+            filter=self.filter,
+        )
+
+
+@app.command()
+def search(
+    ctx: typer.Context,
+    text: Annotated[str | None, typer.Option("--text", "-t", help="Text query.")] = None,
+    image: Annotated[str | None, typer.Option("--image", "-i", help="Query image: a local path, or a URI the server reads.")] = None,
+    instruction: Annotated[str | None, typer.Option(help="With --image: a composed query ('the same in black').")] = None,
+    mode: Annotated[Mode, typer.Option("--mode", "-m", help="Vectors to search: image, caption or hybrid (both, fused).")] = Mode.image,
+    fusion: Annotated[FusionChoice, typer.Option(help="Hybrid fusion.")] = FusionChoice.rrf,
+    image_weight: Annotated[float, typer.Option(help="Weighted fusion: weight of image scores.")] = 0.0,
+    caption_weight: Annotated[float, typer.Option(help="Weighted fusion: weight of caption scores.")] = 0.0,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Number of hits.")] = 10,
+    offset: Annotated[int, typer.Option(min=0, help="Skip this many best hits (pagination).")] = 0,
+    filter: Annotated[str, typer.Option("--filter", "-f", help="Milvus expression, e.g. 'metadata[\"label\"] == \"cat\"'.")] = "",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write a contact sheet PNG here.")] = None,
+) -> None:
+    """Search by text, image, or image + instruction; print a table, optionally write a contact sheet."""
+    conn = _conn(ctx)
+    if (text is None) == (image is None):
+        raise _fail("give exactly one of --text and --image (add --instruction to --image for a composed query)", 2)
+    if instruction is not None and image is None:
+        raise _fail("--instruction needs --image", 2)
+    if image is not None and "://" not in image and not Path(image).expanduser().is_file():
+        raise _fail(f"--image {image}: no such file", 2)
+    query = QuerySpec(
+        text=text,
+        image=image,
+        instruction=instruction,
+        target=Target(mode.value),
+        fusion=Fusion(FusionMethod(fusion.value), image_weight=image_weight, caption_weight=caption_weight)
+        if mode is Mode.hybrid
+        else None,
+        top_k=top_k,
+        offset=offset,
+        filter=filter,
+    )
+    with conn.client() as client:
+        try:
+            result = query.run(client)
+        except SearchError as e:
+            raise _call_error(e, conn.address) from None
+    if as_json:
+        output.print_json({"query": output.to_jsonable(query) | {"label": query.label}, **output.to_jsonable(result)})
+    else:
+        output.console.print(output.hits_table(result, title=query.label))
+        output.console.print(f"[dim]{output.timings_line(result)}[/]")
+    if out is not None:
+        layout = output.write_sheet(out, result, label=query.label, text=text, image=image, instruction=instruction)
+        output.err_console.print(f"contact sheet: [bold]{escape(str(out))}[/] ({layout.size[0]}x{layout.size[1]}, {len(layout.tiles)} tiles)")
+
+
+# ---------------------------------------------------------------------------- records
+
+
+@app.command()
+def get(
+    ctx: typer.Context,
+    ids: Annotated[list[str], typer.Argument(help="Item ids.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show stored items by id. Exit code 1 when any id is not stored."""
+    conn = _conn(ctx)
+    with conn.client() as client:
+        try:
+            result = client.get(ids)
+        except SearchError as e:
+            raise _call_error(e, conn.address) from None
+    if as_json:
+        output.print_json(result)
+    else:
+        if result.records:
+            output.console.print(output.records_table(result.records))
+        for missing in result.missing_ids:
+            output.console.print(f"[yellow]not found:[/] {escape(missing)}")
+    if result.missing_ids:
+        raise typer.Exit(1)
+
+
+@app.command()
+def delete(
+    ctx: typer.Context,
+    ids: Annotated[list[str], typer.Argument(help="Item ids.")],
+) -> None:
+    """Delete stored items by id (unknown ids are ignored)."""
+    conn = _conn(ctx)
+    with conn.client() as client:
+        try:
+            deleted = client.delete(ids)
+        except SearchError as e:
+            raise _call_error(e, conn.address) from None
+    output.console.print(f"deleted {deleted} of {len(ids)} ids")
+
+
+@app.command()
+def stats(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Describe the collection: item count, models, index, Milvus mode."""
+    conn = _conn(ctx)
+    with conn.client() as client:
+        try:
+            result = client.stats()
+        except SearchError as e:
+            raise _call_error(e, conn.address) from None
+    if as_json:
+        output.print_json(result)
+    else:
+        output.console.print(output.stats_table(result))
+
+
+@app.command()
+def health(
+    ctx: typer.Context,
+    embedder_address: Annotated[str, typer.Option(envvar="MMSEARCH_EMBEDDER_ADDRESS", help="Embedder host:port.")] = "127.0.0.1:50051",
+    captioner_address: Annotated[str, typer.Option(envvar="MMSEARCH_CAPTIONER_ADDRESS", help="Captioner host:port.")] = "127.0.0.1:50052",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """grpc.health.v1 status of the search service, the embedder and the captioner. Exit 1 unless all SERVING."""
+    conn = _conn(ctx)
+    rows = []
+    for name, address in (("search", conn.address), ("embedder", embedder_address), ("captioner", captioner_address)):
+        try:
+            status = check_health(conn.config(address), timeout=min(conn.timeout, 5.0))
+        except SearchError as e:
+            status = f"{e.code.name}: {e.details}"
+        rows.append({"service": name, "address": address, "status": status})
+    if as_json:
+        output.print_json(rows)
+    else:
+        table = Table()
+        for col in ("service", "address", "status"):
+            table.add_column(col)
+        for row in rows:
+            style = "green" if row["status"] == "SERVING" else "red"
+            table.add_row(row["service"], row["address"], f"[{style}]{row['status']}[/]")
+        output.console.print(table)
+    if any(row["status"] != "SERVING" for row in rows):
+        raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------------------- demo
+
+
+@app.command()
+def demo(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: photos, queries, contact sheets.")] = Path("out/demo"),
+    data_dir: Annotated[Path | None, typer.Option(help="Suite data dir when the demo starts its own suite [default: OUT/var].")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Hits per query.")] = 8,
+    start_timeout: Annotated[float, typer.Option(help="Seconds each service may take to become SERVING.")] = 300.0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Stream the services' logs.")] = False,
+) -> None:
+    """Start the suite (unless --address is given), index the sample photos, run every kind of query, write contact sheets."""
+    from mmsearch.cli.demo import run_demo
+
+    conn = _conn(ctx)
+    try:
+        code = run_demo(
+            conn,
+            out=out,
+            data_dir=data_dir,
+            top_k=top_k,
+            start_timeout_s=start_timeout,
+            verbose=verbose,
+        )
+    except SuiteError as e:
+        raise _fail(str(e)) from None
+    except SearchError as e:
+        raise _call_error(e, conn.address) from None
+    if code:
+        raise typer.Exit(code)
+
+
+if __name__ == "__main__":  # python -m mmsearch.cli.main
+    app()

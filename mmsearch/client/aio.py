@@ -1,0 +1,234 @@
+"""The asyncio client: `AsyncSearchClient` (grpc.aio), same methods as `SearchClient`."""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from typing import Any, Self, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mmsearch.client import _convert
+from mmsearch.client._channel import ConnectionConfig, MiB, PathOrBytes
+from mmsearch.client.sync import DEFAULT, DEFAULT_ADDRESS
+from mmsearch.client.types import (
+    Fusion,
+    FusionMethod,
+    GetResult,
+    ImageInput,
+    IngestItem,
+    IngestSummary,
+    IngestUpdate,
+    SearchError,
+    SearchResult,
+    Stats,
+    Target,
+)
+from mmsearch.search.v1 import search_pb2, search_pb2_grpc
+
+T = TypeVar("T")
+
+
+class AsyncSearchClient:
+    """A grpc.aio client for the Search service, for asyncio backends.
+
+    Same options and semantics as `SearchClient` (deadlines, retries on UNAVAILABLE,
+    TLS, bearer token). Create it inside the event loop that uses it::
+
+        async with AsyncSearchClient("search:50050", tls=True, root_cert="ca.pem", token=tok) as client:
+            result = await client.search(text="a cup of coffee", target="hybrid")
+    """
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout: float | None = 30.0,
+        token: str | None = None,
+        tls: bool = False,
+        root_cert: PathOrBytes | None = None,
+        client_cert: PathOrBytes | None = None,
+        client_key: PathOrBytes | None = None,
+        server_name: str | None = None,
+        retry_attempts: int = 4,
+        max_message_bytes: int = 64 * MiB,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.config = ConnectionConfig(
+            address=address,
+            token=token,
+            tls=tls,
+            root_cert=root_cert,
+            client_cert=client_cert,
+            client_key=client_key,
+            server_name=server_name,
+            retry_attempts=retry_attempts,
+            max_message_bytes=max_message_bytes,
+            extra_options=tuple(options),
+        )
+        self.timeout = timeout
+        self._channel = self.config.aio_channel()
+        self._stub = search_pb2_grpc.SearchStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    @property
+    def address(self) -> str:
+        return self.config.address
+
+    async def _call(self, method: str, fn: Callable[..., Awaitable[T]], request: Any, timeout: float | None) -> T:
+        try:
+            return await fn(
+                request,
+                timeout=self.timeout if timeout is DEFAULT else timeout,
+                metadata=self.config.call_metadata(),
+            )
+        except grpc.RpcError as e:
+            raise SearchError(e.code(), e.details() or "", method) from e  # type: ignore[attr-defined]
+
+    async def search(
+        self,
+        text: str | None = None,
+        *,
+        image: ImageInput | None = None,
+        instruction: str | None = None,
+        instruction_weight: float = 0.0,
+        vector: Sequence[float] | None = None,
+        target: Target | str = Target.IMAGE,
+        fusion: Fusion | FusionMethod | str | None = None,
+        top_k: int = 10,
+        offset: int = 0,
+        filter: str = "",
+        output_fields: Sequence[str] = (),
+        timeout: float | None = DEFAULT,
+    ) -> SearchResult:
+        """See `SearchClient.search`. A local image path is read in a worker thread."""
+        request = await asyncio.to_thread(
+            _convert.build_search_request,
+            text,
+            image=image,
+            instruction=instruction,
+            instruction_weight=instruction_weight,
+            vector=vector,
+            target=target,
+            fusion=fusion,
+            top_k=top_k,
+            offset=offset,
+            filter=filter,
+            output_fields=output_fields,
+        )
+        response = await self._call("Search", self._stub.Search, request, timeout)
+        return _convert.search_result_from_proto(response)
+
+    async def search_text(self, text: str, **kwargs: Any) -> SearchResult:
+        return await self.search(text, **kwargs)
+
+    async def search_image(self, image: ImageInput, **kwargs: Any) -> SearchResult:
+        return await self.search(image=image, **kwargs)
+
+    async def search_composed(self, image: ImageInput, instruction: str, **kwargs: Any) -> SearchResult:
+        return await self.search(image=image, instruction=instruction, **kwargs)
+
+    async def ingest(
+        self,
+        items: Iterable[IngestItem | ImageInput] | AsyncIterable[IngestItem | ImageInput],
+        *,
+        chunk_size: int = 8,
+        max_chunk_bytes: int = 8 * MiB,
+        timeout: float | None = None,
+    ) -> AsyncIterator[IngestUpdate]:
+        """See `SearchClient.ingest`. Files are read in a worker thread, never on the loop."""
+        tracker = _convert.IngestTracker(chunk_size, max_chunk_bytes)
+
+        async def requests() -> AsyncIterator[search_pb2.IngestRequest]:
+            if isinstance(items, AsyncIterable):
+                index = 0
+                async for item in items:
+                    msg = await asyncio.to_thread(tracker.encode, index, item)
+                    if msg is not None and (ready := tracker.push(index, msg)) is not None:
+                        yield ready
+                    index += 1
+                if (ready := tracker.finish()) is not None:
+                    yield ready
+                return
+            # A plain iterable may itself do I/O (walking folders): step it off the loop too.
+            gen = tracker.requests(items)
+            done = object()
+            while (request := await asyncio.to_thread(next, gen, done)) is not done:
+                yield request  # type: ignore[misc]
+
+        call = self._stub.Ingest(requests(), timeout=timeout, metadata=self.config.call_metadata())
+        try:
+            async for response in call:
+                yield tracker.on_response(response)
+        except grpc.RpcError as e:
+            raise SearchError(e.code(), e.details() or "", "Ingest") from e  # type: ignore[attr-defined]
+        finally:
+            call.cancel()
+        last = tracker.flush()
+        if last is not None:
+            yield last
+
+    async def ingest_all(
+        self,
+        items: Iterable[IngestItem | ImageInput] | AsyncIterable[IngestItem | ImageInput],
+        *,
+        on_update: Callable[[IngestUpdate], None] | None = None,
+        **kwargs: Any,
+    ) -> IngestSummary:
+        summary = IngestSummary()
+        async for update in self.ingest(items, **kwargs):
+            summary.outcomes.extend(update.outcomes)
+            summary.progress = update.progress
+            if on_update is not None:
+                on_update(update)
+        summary.outcomes.sort(key=lambda o: o.index)
+        return summary
+
+    async def get(self, ids: Sequence[str] | str, *, timeout: float | None = DEFAULT) -> GetResult:
+        ids = [ids] if isinstance(ids, str) else list(ids)
+        response = await self._call("Get", self._stub.Get, search_pb2.GetRequest(ids=ids), timeout)
+        return _convert.get_result_from_proto(response)
+
+    async def delete(self, ids: Sequence[str] | str, *, timeout: float | None = DEFAULT) -> int:
+        ids = [ids] if isinstance(ids, str) else list(ids)
+        response = await self._call("Delete", self._stub.Delete, search_pb2.DeleteRequest(ids=ids), timeout)
+        return int(response.deleted_count)
+
+    async def stats(self, *, timeout: float | None = DEFAULT) -> Stats:
+        response = await self._call("Stats", self._stub.Stats, search_pb2.StatsRequest(), timeout)
+        return _convert.stats_from_proto(response)
+
+    async def health(self, service: str = "", *, timeout: float | None = 5.0) -> str:
+        try:
+            response = await self._health.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout, metadata=self.config.call_metadata()
+            )
+        except grpc.RpcError as e:
+            if e.code() is grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+                return "SERVICE_UNKNOWN"
+            raise SearchError(e.code(), e.details() or "", "Health.Check") from e  # type: ignore[attr-defined]
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    async def wait_until_ready(self, timeout: float = 60.0, service: str = "") -> None:
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while True:
+            try:
+                last = await self.health(service, timeout=max(0.2, min(2.0, deadline - time.monotonic())))
+                if last == "SERVING":
+                    return
+            except SearchError as e:
+                last = f"{e.code.name}: {e.details}"
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{self.address} not SERVING after {timeout:.0f}s (last: {last})")
+            await asyncio.sleep(0.2)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,296 @@
+"""The blocking client: `SearchClient`."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Self, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mmsearch.client import _convert
+from mmsearch.client._channel import ConnectionConfig, MiB, PathOrBytes
+from mmsearch.client.types import (
+    Fusion,
+    FusionMethod,
+    GetResult,
+    ImageInput,
+    IngestItem,
+    IngestSummary,
+    IngestUpdate,
+    SearchError,
+    SearchResult,
+    Stats,
+    Target,
+)
+from mmsearch.search.v1 import search_pb2, search_pb2_grpc
+
+T = TypeVar("T")
+
+DEFAULT_ADDRESS = "127.0.0.1:50050"
+#: The search service's health name (the server also answers for "", the whole server).
+SEARCH_SERVICE = "mmsearch.search.v1.Search"
+
+
+class _Default:
+    """Sentinel: "use the client's default timeout" (None means no deadline)."""
+
+    def __repr__(self) -> str:
+        return "<client default>"
+
+
+DEFAULT: Any = _Default()
+
+
+class SearchClient:
+    """A blocking client for the mmsearch Search service.
+
+    One client holds one long-lived channel: create it once and share it (it is thread
+    safe); close it with `close()` or use it as a context manager.
+
+    Every unary call has a deadline (`timeout`, seconds; overridable per call). Calls
+    that fail with UNAVAILABLE are retried by gRPC (up to `retry_attempts`, exponential
+    backoff with jitter). Failed calls raise `SearchError` with the status code.
+
+    Example::
+
+        with SearchClient("127.0.0.1:50050", token="s3cret") as client:
+            for hit in client.search(text="a cat", top_k=5):
+                print(hit.rank, hit.score, hit.id, hit.caption)
+    """
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout: float | None = 30.0,
+        token: str | None = None,
+        tls: bool = False,
+        root_cert: PathOrBytes | None = None,
+        client_cert: PathOrBytes | None = None,
+        client_key: PathOrBytes | None = None,
+        server_name: str | None = None,
+        retry_attempts: int = 4,
+        max_message_bytes: int = 64 * MiB,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.config = ConnectionConfig(
+            address=address,
+            token=token,
+            tls=tls,
+            root_cert=root_cert,
+            client_cert=client_cert,
+            client_key=client_key,
+            server_name=server_name,
+            retry_attempts=retry_attempts,
+            max_message_bytes=max_message_bytes,
+            extra_options=tuple(options),
+        )
+        self.timeout = timeout
+        self._channel = self.config.sync_channel()
+        self._stub = search_pb2_grpc.SearchStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    @classmethod
+    def from_config(cls, config: ConnectionConfig, timeout: float | None = 30.0) -> SearchClient:
+        return cls(
+            config.address,
+            timeout=timeout,
+            token=config.token,
+            tls=config.tls,
+            root_cert=config.root_cert,
+            client_cert=config.client_cert,
+            client_key=config.client_key,
+            server_name=config.server_name,
+            retry_attempts=config.retry_attempts,
+            max_message_bytes=config.max_message_bytes,
+            options=config.extra_options,
+        )
+
+    @property
+    def address(self) -> str:
+        return self.config.address
+
+    # -- plumbing
+
+    def _timeout(self, timeout: float | None | object) -> float | None:
+        return self.timeout if timeout is DEFAULT else timeout  # type: ignore[return-value]
+
+    def _call(self, method: str, fn: Callable[..., T], request: Any, timeout: float | None | object) -> T:
+        try:
+            return fn(request, timeout=self._timeout(timeout), metadata=self.config.call_metadata())
+        except grpc.RpcError as e:
+            raise SearchError(e.code(), e.details() or "", method) from e  # type: ignore[attr-defined]
+
+    # -- search
+
+    def search(
+        self,
+        text: str | None = None,
+        *,
+        image: ImageInput | None = None,
+        instruction: str | None = None,
+        instruction_weight: float = 0.0,
+        vector: Sequence[float] | None = None,
+        target: Target | str = Target.IMAGE,
+        fusion: Fusion | FusionMethod | str | None = None,
+        top_k: int = 10,
+        offset: int = 0,
+        filter: str = "",
+        output_fields: Sequence[str] = (),
+        timeout: float | None = DEFAULT,
+    ) -> SearchResult:
+        """Searches by `text`, `image`, `image` + `instruction` (composed) or a ready `vector`.
+
+        `target`: "image" (image vectors), "caption" (caption vectors) or "hybrid" (both,
+        fused with `fusion`: "rrf" or "weighted", or a `Fusion`). `filter` is a Milvus
+        boolean expression, e.g. `metadata["label"] == "cat"`.
+        """
+        request = _convert.build_search_request(
+            text,
+            image=image,
+            instruction=instruction,
+            instruction_weight=instruction_weight,
+            vector=vector,
+            target=target,
+            fusion=fusion,
+            top_k=top_k,
+            offset=offset,
+            filter=filter,
+            output_fields=output_fields,
+        )
+        response = self._call("Search", self._stub.Search, request, timeout)
+        return _convert.search_result_from_proto(response)
+
+    def search_text(self, text: str, **kwargs: Any) -> SearchResult:
+        """Text -> image by default; `target="caption"` for text -> text."""
+        return self.search(text, **kwargs)
+
+    def search_image(self, image: ImageInput, **kwargs: Any) -> SearchResult:
+        """Image -> image by default; `target="caption"` for image -> text."""
+        return self.search(image=image, **kwargs)
+
+    def search_composed(self, image: ImageInput, instruction: str, **kwargs: Any) -> SearchResult:
+        """A reference image modified by a text instruction ("the same style in black")."""
+        return self.search(image=image, instruction=instruction, **kwargs)
+
+    # -- ingest
+
+    def ingest(
+        self,
+        items: Iterable[IngestItem | ImageInput],
+        *,
+        chunk_size: int = 8,
+        max_chunk_bytes: int = 8 * MiB,
+        timeout: float | None = None,
+    ) -> Iterator[IngestUpdate]:
+        """Streams `items` to the server and yields outcomes and running totals as they come.
+
+        Items are read lazily (a generator of paths is fine for any number of files) and
+        sent `chunk_size` at a time (fewer when a chunk would pass `max_chunk_bytes`).
+        Items that cannot be read locally are reported as FAILED outcomes with
+        `local=True`; the call goes on. `timeout` (default: none) bounds the whole call.
+        Stopping iteration early cancels the call.
+        """
+        tracker = _convert.IngestTracker(chunk_size, max_chunk_bytes)
+        call = self._stub.Ingest(tracker.requests(items), timeout=timeout, metadata=self.config.call_metadata())
+        try:
+            for response in call:
+                yield tracker.on_response(response)
+        except grpc.RpcError as e:
+            raise SearchError(e.code(), e.details() or "", "Ingest") from e  # type: ignore[attr-defined]
+        finally:
+            call.cancel()  # no-op when finished; stops the server's work when the caller broke off
+        last = tracker.flush()
+        if last is not None:
+            yield last
+
+    def ingest_all(
+        self,
+        items: Iterable[IngestItem | ImageInput],
+        *,
+        on_update: Callable[[IngestUpdate], None] | None = None,
+        **kwargs: Any,
+    ) -> IngestSummary:
+        """Like `ingest`, collected: every outcome (sorted by index) and the final totals."""
+        summary = IngestSummary()
+        for update in self.ingest(items, **kwargs):
+            summary.outcomes.extend(update.outcomes)
+            summary.progress = update.progress
+            if on_update is not None:
+                on_update(update)
+        summary.outcomes.sort(key=lambda o: o.index)
+        return summary
+
+    # -- records
+
+    def get(self, ids: Sequence[str] | str, *, timeout: float | None = DEFAULT) -> GetResult:
+        ids = [ids] if isinstance(ids, str) else list(ids)
+        response = self._call("Get", self._stub.Get, search_pb2.GetRequest(ids=ids), timeout)
+        return _convert.get_result_from_proto(response)
+
+    def delete(self, ids: Sequence[str] | str, *, timeout: float | None = DEFAULT) -> int:
+        """Deletes by id; returns how many were stored (unknown ids are ignored)."""
+        ids = [ids] if isinstance(ids, str) else list(ids)
+        response = self._call("Delete", self._stub.Delete, search_pb2.DeleteRequest(ids=ids), timeout)
+        return int(response.deleted_count)
+
+    def stats(self, *, timeout: float | None = DEFAULT) -> Stats:
+        response = self._call("Stats", self._stub.Stats, search_pb2.StatsRequest(), timeout)
+        return _convert.stats_from_proto(response)
+
+    # -- health
+
+    def health(self, service: str = "", *, timeout: float | None = 5.0) -> str:
+        """grpc.health.v1 status name: "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN", ...
+
+        Raises `SearchError` (UNAVAILABLE) when the server cannot be reached.
+        """
+        return check_health_on(self._health, service, timeout, self.config.call_metadata())
+
+    def wait_until_ready(self, timeout: float = 60.0, service: str = "") -> None:
+        """Blocks until health is SERVING; raises TimeoutError with the last status seen."""
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while True:
+            try:
+                last = self.health(service, timeout=max(0.2, min(2.0, deadline - time.monotonic())))
+                if last == "SERVING":
+                    return
+            except SearchError as e:
+                last = f"{e.code.name}: {e.details}"
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{self.address} not SERVING after {timeout:.0f}s (last: {last})")
+            time.sleep(0.2)
+
+    # -- lifecycle
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def check_health_on(
+    stub: health_pb2_grpc.HealthStub,
+    service: str,
+    timeout: float | None,
+    metadata: Sequence[tuple[str, str]] | None = None,
+) -> str:
+    try:
+        response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout, metadata=metadata)
+    except grpc.RpcError as e:
+        if e.code() is grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+            return "SERVICE_UNKNOWN"
+        raise SearchError(e.code(), e.details() or "", "Health.Check") from e  # type: ignore[attr-defined]
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+def check_health(config: ConnectionConfig, service: str = "", timeout: float | None = 5.0) -> str:
+    """Health of any mmsearch service (embedder, captioner, search) at `config.address`."""
+    with config.sync_channel() as channel:
+        return check_health_on(health_pb2_grpc.HealthStub(channel), service, timeout, config.call_metadata())

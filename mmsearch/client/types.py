@@ -1,0 +1,226 @@
+"""Typed values the client returns and accepts, free of protobuf.
+
+Callers get plain dataclasses (with `metadata` already parsed from JSON and
+timestamps as `datetime`), so code that uses the client never touches generated
+protobuf classes and does not break when a field is added to the contract.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum
+from typing import TYPE_CHECKING, Any, Union
+
+import grpc
+
+if TYPE_CHECKING:  # Pillow is optional for the client; only used when the caller passes an image
+    from PIL.Image import Image as PILImage
+
+#: An image to send: encoded bytes, a local file path, a URI the *server* reads
+#: ("file://..." inside its file root, or "http(s)://..." when it allows remote fetching),
+#: or a PIL image (encoded as PNG).
+ImageInput = Union[bytes, str, "os.PathLike[str]", "PILImage"]
+
+
+class Target(str, Enum):
+    """Which stored vectors a query is compared with."""
+
+    IMAGE = "image"  # text -> image, image -> image, composed
+    CAPTION = "caption"  # text -> text, image -> text
+    HYBRID = "hybrid"  # both, fused
+
+
+class FusionMethod(str, Enum):
+    RRF = "rrf"
+    WEIGHTED = "weighted"
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """How hybrid results are fused (ignored unless the target is HYBRID).
+
+    Zeros mean the server defaults (RRF k = 60; weights 0.5 / 0.5).
+    """
+
+    method: FusionMethod = FusionMethod.RRF
+    rrf_k: int = 0
+    image_weight: float = 0.0
+    caption_weight: float = 0.0
+
+
+@dataclass(frozen=True)
+class SearchTimings:
+    embed_ms: float = 0.0
+    milvus_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search hit. `score`: higher is better, whatever the metric."""
+
+    rank: int
+    id: str
+    score: float
+    uri: str = ""
+    caption: str = ""
+    keywords: tuple[str, ...] = ()
+    metadata: dict[str, Any] = field(default_factory=dict)
+    embedder_model_id: str = ""
+    captioner_model_id: str = ""
+    ingested_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    hits: list[Hit]
+    target: Target
+    timings: SearchTimings = field(default_factory=SearchTimings)
+
+    def __iter__(self) -> Iterator[Hit]:
+        return iter(self.hits)
+
+    def __len__(self) -> int:
+        return len(self.hits)
+
+    def __getitem__(self, i: int) -> Hit:
+        return self.hits[i]
+
+
+@dataclass(frozen=True)
+class Record:
+    """A stored item, as returned by `get`."""
+
+    id: str
+    uri: str = ""
+    caption: str = ""
+    keywords: tuple[str, ...] = ()
+    metadata: dict[str, Any] = field(default_factory=dict)
+    embedder_model_id: str = ""
+    captioner_model_id: str = ""
+    ingested_at: datetime | None = None
+    content_sha256: str = ""
+
+
+@dataclass(frozen=True)
+class GetResult:
+    records: list[Record]
+    missing_ids: list[str]
+
+
+@dataclass
+class IngestItem:
+    """One item to ingest.
+
+    `id` empty: the server uses the SHA-256 of the image bytes (idempotent re-runs).
+    `caption` set: the server skips the captioner and embeds this text.
+    `source_uri`: what to store as the item's `uri` when the image is sent inline; a
+    local path given as `image` fills it with that file's `file://` URI.
+    """
+
+    image: ImageInput
+    id: str = ""
+    metadata: Mapping[str, Any] | None = None
+    caption: str | None = None
+    keywords: Sequence[str] = ()
+    source_uri: str = ""
+
+
+class ItemStatus(str, Enum):
+    STORED = "stored"
+    UNCHANGED = "unchanged"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class IngestOutcome:
+    """What happened to one item. `index` is its position in the caller's iterable."""
+
+    index: int
+    id: str
+    status: ItemStatus
+    error_code: grpc.StatusCode | None = None
+    error_message: str = ""
+    # True when the client failed the item before sending it (e.g. unreadable file).
+    local: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not ItemStatus.FAILED
+
+
+@dataclass(frozen=True)
+class IngestProgress:
+    """Running totals for the whole call (items that failed locally included)."""
+
+    received: int = 0
+    stored: int = 0
+    unchanged: int = 0
+    failed: int = 0
+    in_flight: int = 0
+
+    @property
+    def done(self) -> int:
+        return self.stored + self.unchanged + self.failed
+
+
+@dataclass(frozen=True)
+class IngestUpdate:
+    """One step of an ingest call: new outcomes and the totals after them."""
+
+    outcomes: tuple[IngestOutcome, ...]
+    progress: IngestProgress
+
+
+@dataclass
+class IngestSummary:
+    outcomes: list[IngestOutcome] = field(default_factory=list)
+    progress: IngestProgress = field(default_factory=IngestProgress)
+
+    @property
+    def stored(self) -> int:
+        return sum(1 for o in self.outcomes if o.status is ItemStatus.STORED)
+
+    @property
+    def unchanged(self) -> int:
+        return sum(1 for o in self.outcomes if o.status is ItemStatus.UNCHANGED)
+
+    @property
+    def failures(self) -> list[IngestOutcome]:
+        return [o for o in self.outcomes if o.status is ItemStatus.FAILED]
+
+    @property
+    def failed(self) -> int:
+        return len(self.failures)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+@dataclass(frozen=True)
+class Stats:
+    collection: str
+    item_count: int
+    embedder_model_id: str
+    dimension: int
+    captioner_model_id: str
+    index_type: str
+    metric_type: str
+    milvus_mode: str
+
+
+class SearchError(Exception):
+    """A failed call: the gRPC status code and the server's message.
+
+    The original `grpc.RpcError` is kept as `__cause__`.
+    """
+
+    def __init__(self, code: grpc.StatusCode, details: str, method: str = "") -> None:
+        self.code = code
+        self.details = details
+        self.method = method
+        where = f"{method}: " if method else ""
+        super().__init__(f"{where}{code.name}: {details}")

@@ -1,0 +1,361 @@
+"""The local suite: Milvus (optional), embedder, captioner and search as child processes.
+
+`LocalSuite` starts them in dependency order on loopback ports, each one only after
+the previous one reports SERVING, and stops them in reverse order. It is what
+`mmsearch up` and `mmsearch demo` run, and what end-to-end tests use::
+
+    with LocalSuite(SuiteConfig(data_dir=tmp, ports="auto")) as suite:
+        client = SearchClient(suite.search_address)
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Self
+
+from mmsearch.suite.process import LineSink, ManagedProcess, ProcessSpec, SuiteError
+
+#: Called when a child is ready: (name, address, seconds it took).
+ReadySink = Callable[[str, str, float], None]
+
+DEFAULT_PORTS = {"search": 50050, "embedder": 50051, "captioner": 50052, "milvus": 19530}
+DEFAULT_METRICS_PORTS = {"search": 9100, "embedder": 9101, "captioner": 9102}
+
+
+@dataclass
+class SuiteConfig:
+    """What to start and where.
+
+    `milvus`: "embedded" (the search service opens a Milvus Lite file under `data_dir`),
+    "server" (start `milvus-lite server` on a loopback port), or "external" with
+    `milvus_uri` (an existing Milvus, e.g. http://127.0.0.1:19530).
+    `ports`: "default" (50050-50052, metrics 9100-9102, Milvus 19530) or "auto" (free
+    ports picked now; metrics on free ports too): tests and the demo use "auto".
+    Backends are left to the services' own settings (lite by default) unless given here.
+    """
+
+    data_dir: Path = Path("var")
+    host: str = "127.0.0.1"
+    ports: Literal["default", "auto"] = "default"
+    search_port: int | None = None
+    embedder_port: int | None = None
+    captioner_port: int | None = None
+    metrics: bool = True
+    milvus: Literal["embedded", "server", "external"] = "embedded"
+    milvus_uri: str | None = None
+    milvus_port: int | None = None
+    embedder_backend: str | None = None
+    captioner_backend: str | None = None
+    file_root: Path | None = None
+    log_level: str | None = None
+    start_timeout_s: float = 300.0
+    stop_grace_s: float = 25.0  # above the services' own 20 s drain
+    python: str = sys.executable
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.milvus == "external" and not self.milvus_uri:
+            raise ValueError('milvus="external" needs milvus_uri')
+        if self.milvus_uri and self.milvus != "external":
+            self.milvus = "external"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class LocalSuite:
+    """Starts and stops the suite. A context manager; also stops at interpreter exit.
+
+    `processes` (advanced, for tests): run these specs instead of the real services.
+    `on_line` receives every child log line (default: prefixed lines on stderr);
+    every child's log is also written to `<data_dir>/logs/<name>.log`.
+    """
+
+    def __init__(
+        self,
+        config: SuiteConfig | None = None,
+        *,
+        on_line: LineSink | None = None,
+        on_ready: ReadySink | None = None,
+        processes: Sequence[ProcessSpec] | None = None,
+    ) -> None:
+        self.config = config or SuiteConfig()
+        self.data_dir = Path(self.config.data_dir).expanduser().resolve()
+        self._on_line = on_line if on_line is not None else _stderr_sink
+        self._on_ready = on_ready
+        self._ports = self._pick_ports()
+        self.specs = list(processes) if processes is not None else self._service_specs()
+        self.processes: list[ManagedProcess] = []
+        self._atexit_registered = False
+
+    # -- addresses
+
+    def _pick_ports(self) -> dict[str, int]:
+        c = self.config
+        auto = c.ports == "auto"
+        ports: dict[str, int] = {}
+        for name, given in (
+            ("search", c.search_port),
+            ("embedder", c.embedder_port),
+            ("captioner", c.captioner_port),
+            ("milvus", c.milvus_port),
+        ):
+            ports[name] = given if given else (free_port(c.host) if auto else DEFAULT_PORTS[name])
+        for name, port in DEFAULT_METRICS_PORTS.items():
+            ports[f"{name}_metrics"] = (0 if auto else port) if c.metrics else -1
+        return ports
+
+    def address(self, name: str) -> str:
+        return f"{self.config.host}:{self._ports[name]}"
+
+    @property
+    def search_address(self) -> str:
+        return self.address("search")
+
+    @property
+    def embedder_address(self) -> str:
+        return self.address("embedder")
+
+    @property
+    def captioner_address(self) -> str:
+        return self.address("captioner")
+
+    @property
+    def milvus_uri(self) -> str:
+        c = self.config
+        if c.milvus == "external":
+            assert c.milvus_uri
+            return c.milvus_uri
+        if c.milvus == "server":
+            return f"http://{self.address('milvus')}"
+        return str(self.data_dir / "mmsearch.db")
+
+    # -- specs
+
+    def _service_env(self, prefix: str, name: str) -> dict[str, str]:
+        c = self.config
+        env = {
+            "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+            "TRANSFORMERS_OFFLINE": os.environ.get("TRANSFORMERS_OFFLINE", "1"),
+            **c.env,
+            f"{prefix}HOST": c.host,
+            f"{prefix}GRPC_PORT": str(self._ports[name]),
+            f"{prefix}METRICS_PORT": str(self._ports[f"{name}_metrics"]),
+            f"{prefix}LOG_JSON": "true",
+        }
+        if c.log_level:
+            env[f"{prefix}LOG_LEVEL"] = c.log_level
+        return env
+
+    def _service_specs(self) -> list[ProcessSpec]:
+        c = self.config
+        specs: list[ProcessSpec] = []
+        if c.milvus == "server":
+            specs.append(
+                ProcessSpec(
+                    name="milvus",
+                    argv=[
+                        c.python, "-m", "milvus_lite", "server",
+                        "--data-dir", str(self.data_dir / "milvus-server"),
+                        "--host", c.host, "--port", str(self._ports["milvus"]),
+                    ],
+                    address=self.address("milvus"),
+                    ready="tcp",
+                    stop_signal=signal.SIGINT,  # milvus-lite closes its database on KeyboardInterrupt
+                )
+            )
+        embedder_env = self._service_env("EMBEDDER_", "embedder")
+        if c.embedder_backend:
+            embedder_env["EMBEDDER_BACKEND"] = c.embedder_backend
+        captioner_env = self._service_env("CAPTIONER_", "captioner")
+        if c.captioner_backend:
+            captioner_env["CAPTIONER_BACKEND"] = c.captioner_backend
+        search_env = self._service_env("SEARCH_", "search")
+        search_env.update(
+            {
+                "SEARCH_MILVUS_URI": self.milvus_uri,
+                "SEARCH_EMBEDDER_TARGET": self.embedder_address,
+                "SEARCH_CAPTIONER_TARGET": self.captioner_address,
+            }
+        )
+        if c.file_root is not None:
+            search_env["SEARCH_URIS__FILE_ROOT"] = str(Path(c.file_root).expanduser().resolve())
+        specs += [
+            ProcessSpec("embedder", [c.python, "-m", "services.embedder"], self.embedder_address, embedder_env),
+            ProcessSpec("captioner", [c.python, "-m", "services.captioner"], self.captioner_address, captioner_env),
+            ProcessSpec("search", [c.python, "-m", "services.search"], self.search_address, search_env),
+        ]
+        return specs
+
+    # -- lifecycle
+
+    def start(self) -> LocalSuite:
+        """Starts every child in order, each after the previous one is ready.
+
+        On any failure everything already started is stopped and `SuiteError` is raised
+        with the failing child's last log lines.
+        """
+        if self.processes:
+            raise RuntimeError("suite already started")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._refuse_second_suite()
+        if not self._atexit_registered:
+            atexit.register(self.stop)
+            self._atexit_registered = True
+        try:
+            for spec in self.specs:
+                proc = ManagedProcess(spec, self._on_line, log_file=self.data_dir / "logs" / f"{spec.name}.log")
+                self.processes.append(proc)
+                proc.start()
+                self._write_state()
+                took = proc.wait_ready(self.config.start_timeout_s)
+                if self._on_ready is not None:
+                    self._on_ready(spec.name, spec.address, took)
+        except BaseException:
+            self.stop()
+            raise
+        self._write_state()
+        return self
+
+    def _refuse_second_suite(self) -> None:
+        """Two suites on one data dir would fight over the Milvus Lite files: say so early."""
+        try:
+            state = json.loads(self.state_file.read_text())
+            pid = int(state["launcher_pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        if pid == os.getpid():
+            return
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return  # stale file from a launcher that was killed
+        except PermissionError:
+            pass
+        raise SuiteError(
+            f"a suite is already running on {self.data_dir} (launcher pid {pid}, search at "
+            f"{state.get('search_address', '?')}); stop it or use another --data-dir"
+        )
+
+    def check(self) -> None:
+        """Raises SuiteError when a child died after start-up (used by `mmsearch up`)."""
+        for proc in self.processes:
+            code = proc.returncode
+            if code is not None:
+                raise SuiteError(
+                    f"{proc.name} exited unexpectedly with code {code}", proc.name, proc.tail(), proc.log_file
+                )
+
+    def stop(self) -> None:
+        """Stops children in reverse start order (search first, Milvus last). Idempotent."""
+        if not self.processes:
+            self._cleanup()
+            return
+        hurry = {"now": False}
+        restore = _signals_cut_grace_short(hurry)
+        try:
+            for proc in reversed(list(self.processes)):
+                proc.stop(self.config.stop_grace_s, hurry=lambda: hurry["now"])
+                self.processes.remove(proc)
+        finally:
+            restore()
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        state = self.state_file
+        if state.exists():
+            state.unlink(missing_ok=True)
+        if self._atexit_registered:
+            atexit.unregister(self.stop)
+            self._atexit_registered = False
+
+    @property
+    def state_file(self) -> Path:
+        return self.data_dir / "suite.json"
+
+    def _write_state(self) -> None:
+        """`<data_dir>/suite.json`: addresses and pids of the running children (for tools and tests)."""
+        state = {
+            "launcher_pid": os.getpid(),
+            "search_address": self.search_address,
+            "milvus_uri": self.milvus_uri,
+            "processes": [
+                {"name": p.name, "pid": p.pid, "address": p.spec.address, "ready": p.ready_after_s is not None}
+                for p in self.processes
+            ],
+        }
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        tmp.replace(self.state_file)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _signals_cut_grace_short(hurry: dict[str, bool]) -> Callable[[], None]:
+    """While stopping, another SIGINT / SIGTERM skips the grace period instead of
+    interrupting the shutdown half-way (which would leave children running)."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum: int, frame: object) -> None:
+        hurry["now"] = True
+
+    for sig in previous:
+        signal.signal(sig, handler)
+
+    def restore() -> None:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+    return restore
+
+
+def _stderr_sink(name: str, line: str) -> None:
+    sys.stderr.write(f"[{name}] {line}\n")
+
+
+def wait_forever(suite: LocalSuite, poll_s: float = 1.0) -> None:
+    """Blocks until SIGINT / SIGTERM (as KeyboardInterrupt) or a child dies (SuiteError)."""
+    while True:
+        suite.check()
+        time.sleep(poll_s)
+
+
+def install_interrupt_handlers() -> Callable[[], None]:
+    """SIGINT and SIGTERM raise KeyboardInterrupt in the main thread, so `with LocalSuite()` unwinds.
+
+    SIGINT is set explicitly too: a shell starts background jobs with SIGINT ignored, and
+    Python then never turns Ctrl-C into KeyboardInterrupt. Returns a function restoring
+    the previous handlers.
+    """
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    for sig in previous:
+        signal.signal(sig, handler)
+
+    def restore() -> None:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+    return restore

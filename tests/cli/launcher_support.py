@@ -1,0 +1,49 @@
+"""Helpers for the launcher tests: fake child specs and a zombie-aware liveness check."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from mmsearch.suite import ProcessSpec
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def fake_spec(name: str, mode: str, data_dir: Path, grandchild: bool = False) -> ProcessSpec:
+    port = free_port()
+    argv = [sys.executable, "-m", "tests.cli.fake_service", "--port", str(port), "--mode", mode,
+            "--pidfile", str(data_dir / f"{name}.pids")]
+    if grandchild:
+        argv.append("--grandchild")
+    env = {"PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return ProcessSpec(name=name, argv=argv, address=f"127.0.0.1:{port}", env=env, cwd=str(ROOT))
+
+
+def pids_of(data_dir: Path, name: str) -> list[int]:
+    """The child's pid and its grandchild's (0 entries dropped)."""
+    text = (data_dir / f"{name}.pids").read_text().split()
+    return [int(p) for p in text if int(p)]
+
+
+def alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie (PID 1 in containers may not reap)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def wait_gone(pids: list[int], timeout_s: float = 10.0) -> list[int]:
+    """Waits for every pid to disappear; returns the ones still alive after the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        left = [p for p in pids if alive(p)]
+        if not left:
+            return []
+        time.sleep(0.05)
+    return [p for p in pids if alive(p)]
