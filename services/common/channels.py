@@ -14,23 +14,23 @@ from services.common.settings import ClientTlsSettings, MiB
 
 
 def retry_service_config(max_attempts: int = 4, initial_backoff_s: float = 0.1, max_backoff_s: float = 2.0) -> str:
+    method: dict[str, object] = {"name": [{}]}  # every method of every service on this channel
+    # gRPC rejects a retry policy with maxAttempts < 2 (and then fails every call on the
+    # channel with INVALID_ARGUMENT), so "1 attempt" means no retry policy at all.
+    if max_attempts >= 2:
+        method["retryPolicy"] = {
+            "maxAttempts": max_attempts,
+            "initialBackoff": f"{initial_backoff_s}s",
+            "maxBackoff": f"{max_backoff_s}s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        }
     return json.dumps(
         {
             # Spread calls over every address a headless Service resolves to, so replicas
             # added by the autoscaler get traffic (the default pick_first would not).
             "loadBalancingConfig": [{"round_robin": {}}],
-            "methodConfig": [
-                {
-                    "name": [{}],  # every method of every service on this channel
-                    "retryPolicy": {
-                        "maxAttempts": max_attempts,
-                        "initialBackoff": f"{initial_backoff_s}s",
-                        "maxBackoff": f"{max_backoff_s}s",
-                        "backoffMultiplier": 2,
-                        "retryableStatusCodes": ["UNAVAILABLE"],
-                    },
-                }
-            ]
+            "methodConfig": [method],
         }
     )
 

@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 from pydantic import SecretStr
 
-from services.common.errors import ServiceError
+from services.common.errors import InvalidInput, ServiceError
 from services.common.log import get_logger
 
 log = get_logger(__name__)
@@ -21,8 +21,13 @@ log = get_logger(__name__)
 Wrapper = Callable[[Callable[..., Any], bool, bool], Callable[..., Any]]
 
 
-def wrap_handler(handler: grpc.RpcMethodHandler | None, wrapper: Wrapper) -> grpc.RpcMethodHandler | None:
-    """Returns a handler of the same shape whose behaviour is `wrapper(behaviour)`."""
+def wrap_handler(
+    handler: grpc.RpcMethodHandler | None,
+    wrapper: Wrapper,
+    request_deserializer: Callable[[bytes], Any] | None = None,
+) -> grpc.RpcMethodHandler | None:
+    """Returns a handler of the same shape whose behaviour is `wrapper(behaviour)`
+    (and whose request deserializer is `request_deserializer` when given)."""
     if handler is None:
         return None
     req_stream, resp_stream = handler.request_streaming, handler.response_streaming
@@ -36,9 +41,39 @@ def wrap_handler(handler: grpc.RpcMethodHandler | None, wrapper: Wrapper) -> grp
         factory, behaviour = grpc.unary_unary_rpc_method_handler, handler.unary_unary
     return factory(
         wrapper(behaviour, req_stream, resp_stream),
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=request_deserializer or handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
+
+
+class UndecodableRequest:
+    """Stands in for a request message whose bytes did not parse (corrupt wire format,
+    invalid UTF-8 in a string field): the error-mapping interceptor answers it with
+    INVALID_ARGUMENT instead of grpc's generic UNKNOWN "Unexpected DecodeError"."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except Exception as e:  # google.protobuf.message.DecodeError and friends
+            return UndecodableRequest(f"the request could not be decoded: {e}")
+
+    return deserialize
+
+
+async def _checked(requests: Any) -> Any:
+    """A request stream that raises InvalidInput at the first undecodable message."""
+    async for request in requests:
+        if isinstance(request, UndecodableRequest):
+            raise InvalidInput(request.message)
+        yield request
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
@@ -56,12 +91,14 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
 
-        def wrapper(behaviour: Callable[..., Any], _rs: bool, resp_stream: bool) -> Callable[..., Any]:
+        def wrapper(behaviour: Callable[..., Any], req_stream: bool, resp_stream: bool) -> Callable[..., Any]:
             if resp_stream:
 
                 async def streaming(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                    if isinstance(request, UndecodableRequest):
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
                     try:
-                        async for item in behaviour(request, context):
+                        async for item in behaviour(_checked(request) if req_stream else request, context):
                             yield item
                     except ServiceError as e:
                         await context.abort(e.code, e.message)
@@ -74,8 +111,10 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 return streaming
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                if isinstance(request, UndecodableRequest):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
                 try:
-                    return await behaviour(request, context)
+                    return await behaviour(_checked(request) if req_stream else request, context)
                 except ServiceError as e:
                     await context.abort(e.code, e.message)
                 except grpc.aio.AbortError:
@@ -86,7 +125,9 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
             return unary
 
-        return wrap_handler(handler, wrapper)
+        if handler is None:
+            return None
+        return wrap_handler(handler, wrapper, _tolerant(handler.request_deserializer))
 
 
 # Probes and tooling must work without a token.

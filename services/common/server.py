@@ -170,5 +170,12 @@ async def serve(settings: ServerSettings, app: GrpcApp) -> None:
 def run(settings: ServerSettings, app_factory: Callable[[], GrpcApp]) -> None:
     """Entry point for `python -m services.<name>`."""
     configure_logging(settings.log_level, settings.log_json, service=settings.__class__.__name__)
+
+    async def main() -> None:
+        # Build the app inside the running loop: grpc.aio channels and other loop-bound
+        # objects created in a constructor (search's upstream channels) must belong to
+        # the loop that serves, not to a default loop made before asyncio.run.
+        await serve(settings, app_factory())
+
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(settings, app_factory()))
+        asyncio.run(main())

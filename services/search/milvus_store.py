@@ -123,7 +123,10 @@ class MilvusStore:
                 await asyncio.get_running_loop().run_in_executor(self._pool, self._load)
                 return await asyncio.get_running_loop().run_in_executor(self._pool, run)
         except MilvusException as e:
-            if _is_connection_error(e):
+            # A rejected filter's message echoes the caller's expression, which may hold
+            # words such as "timeout" or "connect": when Milvus still answers, the filter
+            # is at fault (never drop the shared client for a caller's bad expression).
+            if _is_connection_error(e) and not (filter_expr and await self._answers()):
                 self._drop_client()
                 raise Unavailable(f"Milvus is unavailable ({op}): {e.message}") from None
             if filter_expr:
@@ -137,6 +140,15 @@ class MilvusStore:
                 self._drop_client()
                 raise Unavailable(f"Milvus is unavailable ({op}): {type(e).__name__}") from None
             raise
+
+    async def _answers(self) -> bool:
+        """Milvus answers a trivial request right now."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                self._pool, lambda: self._get_client().has_collection(self.collection))
+            return True
+        except Exception:
+            return False
 
     def _search_params(self, window: int) -> dict[str, Any]:
         s = self.settings

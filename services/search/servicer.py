@@ -15,6 +15,7 @@ from services.common.intake import ImageRef
 from services.search.engine import Fusion, Hit, SearchEngine, SearchQuery, Target, metadata_json
 from services.search.ingest import CaptionInput, IngestItem, IngestPipeline, ItemStatus, Outcome, Progress
 from services.search.milvus_store import MilvusStore
+from services.search.validation import check_id
 
 _TARGETS = {
     search_pb2.TARGET_UNSPECIFIED: Target.IMAGE,
@@ -72,6 +73,11 @@ def _ids(ids: Any) -> list[str]:
     ids = list(ids)
     if not 1 <= len(ids) <= MAX_IDS:
         raise InvalidInput(f"give 1 to {MAX_IDS} ids, got {len(ids)}")
+    # pymilvus turns ids into the expression `id in ['a', 'b']` without escaping, so a
+    # quote in an id would inject expression text (one crafted id could select, and
+    # Delete remove, every row). Only the id alphabet ingest accepts can pass.
+    for item_id in ids:
+        check_id(item_id)
     return ids
 
 

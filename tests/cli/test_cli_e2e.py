@@ -1,6 +1,7 @@
 """End to end: `mmsearch up` (real embedder, captioner, search, embedded Milvus Lite, offline
 lite models) driven by the CLI: ingest a CSV, search in every mode with contact sheets,
-get / delete / stats, `demo --address`, and no process left after `up` is stopped.
+get / delete / stats, health, and no process left after `up` is stopped. The demo itself
+runs end to end in test_cli_e2e_demo.py (its own suite) and test_cli_demo.py (`--address`).
 
 Slow (models load on CPU); marked `slow` but part of the normal test run.
 """
@@ -20,7 +21,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from mmsearch.cli.demo import QUERIES, write_photos
+from mmsearch.cli.demo import write_photos
 from mmsearch.cli.main import app
 from mmsearch.client import SearchClient
 from tests.cli.launcher_support import ROOT, alive, wait_gone
@@ -174,16 +175,6 @@ def test_health_of_every_service(up: Up) -> None:
     result = up.cli("health", "--embedder-address", addresses["embedder"], "--captioner-address", addresses["captioner"], "--json")
     assert result.exit_code == 0, result.output
     assert [r["status"] for r in json.loads(result.output)] == ["SERVING"] * 3
-
-
-def test_demo_against_the_running_suite(up: Up, tmp_path: Path) -> None:
-    out = tmp_path / "demo"
-    result = up.cli("demo", "--out", str(out))
-    assert result.exit_code == 0, result.output + up.log_tail()
-    sheets = sorted((out / "sheets").glob("*.png"))
-    assert len(sheets) == len(QUERIES)
-    assert (out / "index.html").exists() and "contact sheets:" in result.output
-    assert "top hit: cat ✓" in result.output  # "a cat" finds the cat photo first
 
 
 def test_up_stops_every_process_on_sigterm(up: Up) -> None:
