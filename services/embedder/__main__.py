@@ -1,4 +1,5 @@
 """`python -m services.embedder`: serve the Embedder with settings from EMBEDDER_* variables."""
+
 from __future__ import annotations
 
 from services.common.server import run

@@ -1,4 +1,5 @@
 """Wires the embedder into the shared runtime: servicer, lifecycle, readiness."""
+
 from __future__ import annotations
 
 import grpc

@@ -3,7 +3,8 @@
 Many concurrent calls each bring a few items; the model is fastest on batches. The
 batcher keeps one FIFO queue per modality (text and image towers cannot share a
 forward) and, whenever the model has a free slot, sends it the modality whose oldest
-item has waited longest: up to `max_batch_size` items, merged across calls. While the
+item has waited longest: up to `max_batch_size` items (or the modality's own smaller
+cap), merged across calls. While the
 model is idle a partial batch waits at most `max_queue_delay_s` for company; while it is
 busy, arrivals pile up and the next batch is simply larger.
 
@@ -16,6 +17,7 @@ is failed with `DeadlineExceeded` and never computed; one whose caller went away
 
 No gRPC here: the servicer maps the errors to status codes.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -23,7 +25,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
@@ -39,14 +41,14 @@ _TIME_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 BATCH_SIZE = Histogram(
     "embedder_batch_size", "Items per model batch (merged across calls).", ("modality",), buckets=_SIZE_BUCKETS
 )
-QUEUE_DEPTH = Gauge(
-    "embedder_queue_depth", "Items admitted and not yet in a model batch (preprocessing or queued)."
-)
+QUEUE_DEPTH = Gauge("embedder_queue_depth", "Items admitted and not yet in a model batch (preprocessing or queued).")
 QUEUE_WAIT_SECONDS = Histogram(
     "embedder_queue_wait_seconds", "Time from enqueue to the start of the item's model batch.", buckets=_TIME_BUCKETS
 )
 INFERENCE_SECONDS = Histogram(
-    "embedder_inference_seconds", "Time of one model batch (forward or upstream calls).", ("modality",),
+    "embedder_inference_seconds",
+    "Time of one model batch (forward or upstream calls).",
+    ("modality",),
     buckets=_TIME_BUCKETS,
 )
 ITEMS_TOTAL = Counter("embedder_items_total", "Items embedded, by the modality the caller sent.", ("modality",))
@@ -106,7 +108,7 @@ class Admission:
     def close(self) -> None:
         self._release(self._held)
 
-    def __enter__(self) -> Admission:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *_exc: object) -> None:
@@ -122,9 +124,14 @@ class DynamicBatcher:
         max_queue_delay_s: float,
         max_queue_items: int,
         max_in_flight: int = 1,
+        batch_size_by_modality: dict[str, int] | None = None,
     ) -> None:
         self._forward = forward
         self.max_batch_size = max_batch_size
+        # Smaller caps for modalities whose model prefers smaller batches.
+        self._batch_size_by_modality = {
+            m: max(1, min(n, max_batch_size)) for m, n in (batch_size_by_modality or {}).items()
+        }
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_items = max_queue_items
         self._slots = asyncio.Semaphore(max_in_flight)
@@ -225,10 +232,13 @@ class DynamicBatcher:
                 else:
                     break
 
+    def batch_size(self, modality: str) -> int:
+        return self._batch_size_by_modality.get(modality, self.max_batch_size)
+
     def _take(self, modality: str, now: float) -> list[_Slice]:
         queue = self._queues[modality]
         slices: list[_Slice] = []
-        room = self.max_batch_size
+        room = self.batch_size(modality)
         while queue and room > 0:
             pending = queue[0]
             if pending.future.done() or pending.failed:
@@ -262,7 +272,7 @@ class DynamicBatcher:
                 await self._changed.wait()
                 continue
             wait = self._queues[modality][0].enqueued_at + self.max_queue_delay_s - now
-            if self._queued_items[modality] < self.max_batch_size and wait > 0:
+            if self._queued_items[modality] < self.batch_size(modality) and wait > 0:
                 self._changed.clear()
                 try:
                     await asyncio.wait_for(self._changed.wait(), wait)

@@ -4,6 +4,7 @@ Domain logic only (no gRPC): the servicer hands it domain `Content` items and a 
 and maps the `ServiceError`s it raises to status codes. It owns the threads: one model
 thread (all forwards of a local backend run there, in order) and a pool for image work.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -97,7 +98,9 @@ class EmbeddingEngine:
             raise TypeError(f"unsupported backend type {type(backend).__name__}")
         info = backend.info
         if self.settings.model_id:
-            info = BackendInfo(info.backend, self.settings.model_id, info.dimension, info.modalities, info.composed_native)
+            info = BackendInfo(
+                info.backend, self.settings.model_id, info.dimension, info.modalities, info.composed_native
+            )
         if isinstance(backend, LocalBackend):
             await self._warm_up(info)
         self._batcher = DynamicBatcher(
@@ -106,6 +109,9 @@ class EmbeddingEngine:
             max_queue_delay_s=self.settings.max_queue_delay_s,
             max_queue_items=self.settings.max_queue_items,
             max_in_flight=in_flight,
+            batch_size_by_modality={
+                m.value: n for m in info.modalities if (n := backend.max_batch_size(m)) is not None
+            },
         )
         self._batcher.start()
         self._info = info
@@ -156,7 +162,7 @@ class EmbeddingEngine:
         """Cheap checks before anything is admitted; errors name the item index."""
         limit = self.settings.max_batch_items
         if not items:
-            raise InvalidInput("items is empty: send 1 to %d items" % limit)
+            raise InvalidInput(f"items is empty: send 1 to {limit} items")
         if len(items) > limit:
             raise InvalidInput(f"too many items: {len(items)}, the limit is {limit} per call")
         info = self.info
@@ -168,9 +174,8 @@ class EmbeddingEngine:
                     if Modality.COMPOSED not in info.modalities and Modality.IMAGE not in info.modalities:
                         raise InvalidInput(f"the {info.backend} backend does not embed composed items")
                     self._check_text(item.instruction, "composed.instruction")
-                elif isinstance(item, ImageContent):
-                    if Modality.IMAGE not in info.modalities:
-                        raise InvalidInput(f"the {info.backend} backend does not embed images")
+                elif isinstance(item, ImageContent) and Modality.IMAGE not in info.modalities:
+                    raise InvalidInput(f"the {info.backend} backend does not embed images")
             except ServiceError as e:
                 raise at_index(i, e) from None
 

@@ -3,6 +3,7 @@
 Domain errors raised by the engine become status codes in the shared
 ErrorMappingInterceptor; this module never calls `context.abort` for them.
 """
+
 from __future__ import annotations
 
 import time
@@ -32,7 +33,9 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
     def __init__(self, engine: EmbeddingEngine) -> None:
         self._engine = engine
 
-    async def Embed(self, request: embedder_pb2.EmbedRequest, context: grpc.aio.ServicerContext) -> embedder_pb2.EmbedResponse:
+    async def Embed(
+        self, request: embedder_pb2.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> embedder_pb2.EmbedResponse:
         items: list[Content] = []
         for i, msg in enumerate(request.items):
             try:
@@ -47,7 +50,9 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
             dimension=info.dimension,
         )
 
-    async def Info(self, request: embedder_pb2.InfoRequest, context: grpc.aio.ServicerContext) -> embedder_pb2.InfoResponse:
+    async def Info(
+        self, request: embedder_pb2.InfoRequest, context: grpc.aio.ServicerContext
+    ) -> embedder_pb2.InfoResponse:
         info = self._engine.info
         settings = self._engine.settings
         # The modalities callers may send: mixing backends compose from image + text.

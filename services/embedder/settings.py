@@ -3,6 +3,7 @@
 Nested groups use `__`, e.g. `EMBEDDER_DASHSCOPE__API_KEY`, `EMBEDDER_DASHSCOPE__RETRY__MAX_ATTEMPTS`.
 docs/embedder.md lists every variable.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """Fixtures: the embedder served on loopback gRPC around any backend."""
+
 from __future__ import annotations
 
 import contextlib
@@ -9,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc.experimental.aio import init_grpc_aio
 import pytest
+from grpc.experimental.aio import init_grpc_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from prometheus_client import REGISTRY
@@ -80,7 +81,9 @@ def image(data: bytes) -> types_pb2.Content:
 
 def composed(data: bytes, instruction: str, weight: float = 0.0) -> types_pb2.Content:
     return types_pb2.Content(
-        composed=types_pb2.Composed(image=types_pb2.Image(data=data), instruction=instruction, instruction_weight=weight)
+        composed=types_pb2.Composed(
+            image=types_pb2.Image(data=data), instruction=instruction, instruction_weight=weight
+        )
     )
 
 

@@ -15,6 +15,7 @@ Vectors are deterministic per content (seeded by its hash), so tests can check t
 caller gets the vector of its own item. `script` queues canned failures for the next
 requests; `requests` records what arrived.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,7 +34,10 @@ PATH = "/api/v1/services/embeddings/multimodal-embedding/multimodal-embedding"
 THROTTLED = (429, {"code": "Throttling.RateQuota", "message": "Requests rate limit exceeded, please try again later."})
 INTERNAL_ERROR = (
     500,
-    {"code": "InternalError", "message": "An internal error has occured, please try again later or contact service support."},
+    {
+        "code": "InternalError",
+        "message": "An internal error has occured, please try again later or contact service support.",
+    },
 )
 BAD_GATEWAY = (502, {"code": "InternalError.Timeout", "message": "Upstream model service timed out."})
 
@@ -72,7 +76,7 @@ class FakeDashScope:
             def log_message(self, *args: Any) -> None:  # keep test output quiet
                 pass
 
-            def do_POST(self) -> None:  # noqa: N802 - http.server naming
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 status, payload = fake.handle(self.path, dict(self.headers), body)
                 raw = json.dumps(payload).encode()
@@ -103,7 +107,11 @@ class FakeDashScope:
         try:
             body = json.loads(raw)
         except ValueError:
-            return 400, {"code": "InvalidParameter", "message": "Request body is not valid JSON.", "request_id": request_id}
+            return 400, {
+                "code": "InvalidParameter",
+                "message": "Request body is not valid JSON.",
+                "request_id": request_id,
+            }
         with self._lock:
             self.requests.append({"path": path, "headers": headers, "body": body})
             canned = self.script.popleft() if self.script else self.always
@@ -131,7 +139,11 @@ class FakeDashScope:
         for i, content in enumerate(contents):
             kind = "image" if "image" in content else "text"
             if kind == "image" and not str(content["image"]).startswith(("data:image/", "http")):
-                return 400, {"code": "InvalidParameter", "message": "image must be a URL or data URI", "request_id": request_id}
+                return 400, {
+                    "code": "InvalidParameter",
+                    "message": "image must be a URL or data URI",
+                    "request_id": request_id,
+                }
             embeddings.append({"index": i, "embedding": fake_vector(content, self.dimension).tolist(), "type": kind})
         tokens = sum(len(str(c.get("text", "")).split()) for c in contents)
         return 200, {

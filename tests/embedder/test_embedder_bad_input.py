@@ -1,4 +1,5 @@
 """Bad input -> INVALID_ARGUMENT naming the item and the problem; the server keeps serving."""
+
 from __future__ import annotations
 
 import struct
@@ -22,7 +23,12 @@ def png_bomb(width: int = 8_000, height: int = 6_000) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def image_uri(uri: str) -> types_pb2.Content:
@@ -34,7 +40,11 @@ GOOD = encode(Image.new("RGB", (48, 40), (10, 200, 30)), "JPEG")
 CASES = [
     ("empty text", [text("ok"), text("ok"), text("")], "item 2: text is empty"),
     ("blank text", [text("   \n\t")], "item 0: text is empty"),
-    ("1 MB text", [text("ok"), text("x" * 1_000_000)], "item 1: text is 1000000 characters, more than the limit of 2048"),
+    (
+        "1 MB text",
+        [text("ok"), text("x" * 1_000_000)],
+        "item 1: text is 1000000 characters, more than the limit of 2048",
+    ),
     ("corrupt image", [image(GOOD), image(b"\xff\xd8\xff\xe0 this is not a jpeg")], "item 1:"),
     ("truncated image", [image(GOOD[: len(GOOD) // 2])], "item 0: image is corrupt or truncated"),
     ("empty image", [text("ok"), image(b"")], "item 1: image is empty"),
@@ -45,10 +55,18 @@ CASES = [
         "item 1: composed query has no image",
     ),
     ("composed without instruction", [composed(GOOD, "")], "item 0: composed.instruction is empty"),
-    ("composed weight out of range", [composed(GOOD, "in red", 1.5)], "item 0: composed.instruction_weight must be in [0, 1]"),
+    (
+        "composed weight out of range",
+        [composed(GOOD, "in red", 1.5)],
+        "item 0: composed.instruction_weight must be in [0, 1]",
+    ),
     ("unset content", [text("ok"), types_pb2.Content()], "item 1: content is empty"),
     ("file uri without a file root", [image_uri("file:///etc/passwd")], "item 0: file:// URIs are disabled"),
-    ("remote uri while disabled", [text("ok"), image_uri("http://169.254.169.254/latest")], "item 1: remote URIs are disabled"),
+    (
+        "remote uri while disabled",
+        [text("ok"), image_uri("http://169.254.169.254/latest")],
+        "item 1: remote URIs are disabled",
+    ),
 ]
 
 

@@ -1,5 +1,6 @@
 """The clip backend: a tiny random CLIP checkpoint in the real format, loaded by the production
 loader and served over gRPC; its vectors must equal the model called directly (fp32, CPU)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,9 +9,8 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from grpc_health.v1 import health_pb2
+from PIL import Image
 
 from mmsearch.embedder.v1 import embedder_pb2
 from services.embedder.backends.bge import VisualizedBgeBackend
@@ -42,7 +42,7 @@ def direct_vectors(clip_dir: Path, texts: list[str], images: list[bytes]) -> tup
         v = model.get_image_features(**pixels)
     t = t if isinstance(t, torch.Tensor) else t.pooler_output
     v = v if isinstance(v, torch.Tensor) else v.pooler_output
-    norm = lambda x: torch.nn.functional.normalize(x.float(), dim=-1).numpy()  # noqa: E731
+    norm = lambda x: torch.nn.functional.normalize(x.float(), dim=-1).numpy()
     return norm(t), norm(v)
 
 

@@ -1,4 +1,5 @@
 """The dashscope backend through the real gRPC service against a local DashScope protocol server."""
+
 from __future__ import annotations
 
 import base64
@@ -64,7 +65,12 @@ async def test_texts_and_images_follow_the_protocol(fake: FakeDashScope) -> None
     red_uri = "data:image/jpeg;base64," + base64.b64encode(red).decode()
     blue_uri = "data:image/jpeg;base64," + base64.b64encode(blue).decode()
     want = np.stack(
-        [expected({"text": "a red square"}), expected({"image": red_uri}), expected({"text": "a blue square"}), expected({"image": blue_uri})]
+        [
+            expected({"text": "a red square"}),
+            expected({"image": red_uri}),
+            expected({"text": "a blue square"}),
+            expected({"image": blue_uri}),
+        ]
     )
     np.testing.assert_allclose(got, want, atol=1e-6)
     request = fake.requests[-1]
@@ -129,7 +135,9 @@ async def test_upstream_rejection_of_input_is_invalid_argument(fake: FakeDashSco
     assert len(fake.calls()) == 1  # 4xx is not retried
 
 
-async def test_api_key_is_never_logged(fake: FakeDashScope, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]) -> None:
+async def test_api_key_is_never_logged(
+    fake: FakeDashScope, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
     caplog.set_level(logging.DEBUG)
     settings = settings_for(fake)
     # An upstream that echoes the key in its error message must not leak it either.

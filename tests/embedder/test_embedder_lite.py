@@ -1,4 +1,5 @@
 """The lite backend (real pretrained weights) through the real gRPC service, on real photos."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -53,7 +54,9 @@ async def test_lite_on_real_photos(lite_backend: LiteBackend, photos: list[Sampl
     assert info.model_id == lite_backend.conse.model_id
     assert info.model_id.startswith("conse-efficientnet-lite0-imagenet1k+all-MiniLM-L6-v2-t10-")
     assert list(info.modalities) == [
-        embedder_pb2.MODALITY_TEXT, embedder_pb2.MODALITY_IMAGE, embedder_pb2.MODALITY_COMPOSED,
+        embedder_pb2.MODALITY_TEXT,
+        embedder_pb2.MODALITY_IMAGE,
+        embedder_pb2.MODALITY_COMPOSED,
     ]
     assert not info.composed_native
     assert (info.max_batch_items, info.max_model_batch_size, info.max_text_chars) == (64, 32, 2048)

@@ -4,6 +4,7 @@ Built locally (no hub): CLIPConfig with tiny towers, a byte-level BPE tokenizer 
 small vocabulary (vocab.json + merges.txt, exactly the files CLIP ships) and a CLIP image
 processor. The embedder loads it through the same code as a real checkpoint.
 """
+
 from __future__ import annotations
 
 import json
@@ -59,7 +60,9 @@ def build_tiny_clip(
     vocab_tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_tokens))}
     (path / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n", encoding="utf-8")
+    (path / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n", encoding="utf-8"
+    )
     # Loading the two files the way a real checkpoint is loaded works across
     # transformers versions (4.x slow/fast and 5.x tokenizers-backed classes).
     tokenizer = CLIPTokenizer.from_pretrained(path, model_max_length=77)

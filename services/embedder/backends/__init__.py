@@ -2,6 +2,7 @@
 
 Imports are lazy so a deployment only needs the dependencies of the backend it runs.
 """
+
 from __future__ import annotations
 
 from services.embedder.backends.base import EmbeddingBackend

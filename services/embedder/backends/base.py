@@ -7,6 +7,7 @@ dynamic batcher sits between the two and merges items from many calls into one f
 A remote backend (DashScope) instead implements `aforward` as a coroutine: its "model" is
 an HTTP API, so several batches are in flight at once and no thread is blocked.
 """
+
 from __future__ import annotations
 
 import enum
@@ -78,6 +79,14 @@ class EmbeddingBackend(ABC):
     def compose(self, image_vecs: np.ndarray, text_vecs: np.ndarray, text_weights: np.ndarray) -> np.ndarray:
         """Composed vectors for mixing backends (ignored when `composed_native`)."""
         return mix_composed(image_vecs, text_vecs, text_weights)
+
+    def max_batch_size(self, modality: Modality) -> int | None:
+        """The largest batch worth forming for a modality (None: no limit of its own).
+
+        The batcher uses min(this, EMBEDDER_MAX_MODEL_BATCH_SIZE). A CPU convnet, for
+        one, gets slower per image once a batch's activations outgrow the caches.
+        """
+        return None
 
     async def aclose(self) -> None:
         return None
@@ -151,10 +160,7 @@ def _is_cuda_fault(e: BaseException) -> bool:
 
 
 def _empty_cuda_cache() -> None:
-    try:
-        import torch
+    import torch
 
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:  # pragma: no cover - best effort
-        pass
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -10,6 +10,7 @@ repository (research/visual_bge); it is not part of the `FlagEmbedding` wheel on
 and needs torchvision, timm, einops and ftfy. Weights: the BGE text model directory
 (EMBEDDER_MODEL_DIR) plus the Visualized BGE weight file (EMBEDDER_BGE__WEIGHTS_FILE).
 """
+
 from __future__ import annotations
 
 from pathlib import Path

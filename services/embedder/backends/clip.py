@@ -4,6 +4,7 @@ The directory is what `save_pretrained` writes (config.json, weights, tokenizer 
 image-processor files): a Kubernetes volume, or a snapshot in the Hugging Face cache on
 a laptop. Nothing is ever downloaded (`local_files_only`). fp16 on CUDA by default.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -14,6 +14,7 @@ SDK detail: the SDK treats any content string that names an existing local file 
 file to upload to DashScope's OSS. A text such as "/etc/passwd" would leak that file, so
 the call goes through a subclass that switches that upload step off.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -52,7 +53,7 @@ class _NoUploadEmbedding(AioMultiModalEmbedding):
     """The SDK call without its local-file upload step (see the module docstring)."""
 
     @classmethod
-    def _preprocess_message_inputs(cls, model: str, input_data: Any, api_key: str) -> bool:  # noqa: ARG003
+    def _preprocess_message_inputs(cls, model: str, input_data: Any, api_key: str) -> bool:
         return False
 
 
@@ -88,7 +89,9 @@ def image_data_uri(image: DecodedImage, data: bytes, max_bytes: int) -> str:
             if len(payload) <= max_bytes or max(img.size) <= 64:
                 break
             scale = max(0.5, min(0.9, (max_bytes / len(payload)) ** 0.5))
-            img = img.resize((max(1, int(img.width * scale)), max(1, int(img.height * scale))), Image.Resampling.LANCZOS)
+            img = img.resize(
+                (max(1, int(img.width * scale)), max(1, int(img.height * scale))), Image.Resampling.LANCZOS
+            )
             quality = 85
     return f"data:{mime};base64,{base64.b64encode(payload).decode('ascii')}"
 

@@ -7,6 +7,7 @@ likely ImageNet class prompts (ConSE, Norouzi et al. 2014), so both live in Mini
 this file only splits it along the serving seams: image preprocessing per item in the
 worker pool, classifier + text encoder forwards batched on the model thread.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -19,6 +20,9 @@ from services.embedder.backends.base import BackendInfo, LocalBackend, Modality,
 from services.embedder.backends.torch_device import resolve_device, set_threads
 from services.embedder.settings import EmbedderSettings
 from services.lite_models.imagenet import preprocess_image
+
+IMAGE_BATCH_LIMIT = 16
+
 
 class LiteBackend(LocalBackend):
     name = "lite"
@@ -64,6 +68,11 @@ class LiteBackend(LocalBackend):
         # prompts: any change that moves vectors changes the id, so collections never mix.
         model_id = self._model_id or self.conse.model_id
         self._info = BackendInfo(self.name, model_id, self.conse.dim, (Modality.TEXT, Modality.IMAGE), False)
+
+    def max_batch_size(self, modality: Modality) -> int | None:
+        # Measured on 2 vCPU: EfficientNet-Lite0 images/s is flat from batch 1 to 16 and
+        # halves at 32 (activations outgrow the caches); MiniLM keeps gaining up to 64.
+        return IMAGE_BATCH_LIMIT if modality is Modality.IMAGE else None
 
     def preprocess_image(self, image: DecodedImage, data: bytes) -> np.ndarray:
         # Centre crop + bicubic resize + (x - 127) / 128, HWC float32: stacking these
