@@ -111,18 +111,34 @@ def caption_text(caption: CaptionResult) -> str:
     return caption.description
 
 
-async def _take_batch(queue: asyncio.Queue[T], max_items: int, wait_s: float) -> list[T]:
-    """Waits for one item, then gathers more for up to `wait_s` (the batching window)."""
+async def _take_batch(
+    queue: asyncio.Queue[T], max_items: int, wait_s: float,
+    more_coming: Callable[[], int] | None = None, max_wait_s: float = 0.0,
+) -> list[T]:
+    """Waits for one item, then gathers more for up to `wait_s` (the batching window).
+
+    With `more_coming`, gathering goes on past the window, up to `max_wait_s` after the
+    first item, while that callable says more items are on their way: a slow upstream
+    stage then feeds a few full downstream calls instead of many one-item calls (on a
+    CPU embedder a one-image Embed call costs ~2.5x the CPU per item of a 16-image one;
+    see docs/benchmarks.md).
+    """
     batch = [await queue.get()]
-    deadline = time.monotonic() + wait_s
+    started = time.monotonic()
+    window_end = started + wait_s
+    hard_end = started + max(wait_s, max_wait_s)
     while len(batch) < max_items:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        now = time.monotonic()
+        if now < window_end:
+            until = window_end
+        elif more_coming is not None and now < hard_end and more_coming() > 0:
+            until = min(hard_end, now + max(wait_s, 0.005))  # re-check more_coming now and then
+        else:
             break
         try:
-            batch.append(await asyncio.wait_for(queue.get(), remaining))
+            batch.append(await asyncio.wait_for(queue.get(), until - now))
         except TimeoutError:
-            break
+            continue
     return batch
 
 
@@ -172,6 +188,9 @@ class _Run:
         self.caption_q: asyncio.Queue[_Work] = asyncio.Queue()
         self.embed_q: asyncio.Queue[_Work] = asyncio.Queue()
         self.upsert_q: asyncio.Queue[_Work] = asyncio.Queue()
+        self.captioning = 0  # items a caption worker has taken and not passed on yet
+        # One embed worker gathers at a time, so arrivals fill one batch, not two halves.
+        self.embed_gathering = asyncio.Lock()
         # id -> future of the in-flight item that owns it (duplicates wait for it).
         self.owners: dict[str, asyncio.Future[Outcome]] = {}
         self.tasks: list[asyncio.Task[Any]] = []
@@ -338,6 +357,7 @@ class _Run:
     async def captioner(self) -> None:
         while True:
             w = await self.caption_q.get()
+            self.captioning += 1
             start = time.perf_counter()
             try:
                 w.caption = await self.p.captioner.caption(w.data, timeout_s=self.timeout_s())
@@ -349,15 +369,24 @@ class _Run:
                 self.finish(w, ItemStatus.FAILED, InvalidInput(f"caption failed: {type(e).__name__}"))
                 continue
             finally:
+                self.captioning -= 1  # no await until the item is queued for embedding below
                 INGEST_STAGE_SECONDS.labels("caption").observe(time.perf_counter() - start)
             if not w.caption.description.strip():
                 self.finish(w, ItemStatus.FAILED, InvalidInput("caption failed: the captioner returned no description"))
                 continue
             self.embed_q.put_nowait(w)
 
+    def captions_pending(self) -> int:
+        """Items still in the caption stage: they will reach the embed queue soon."""
+        return self.caption_q.qsize() + self.captioning
+
     async def embedder(self) -> None:
         while True:
-            batch = await _take_batch(self.embed_q, self.s.embed_batch_items, self.s.batch_wait_ms / 1000)
+            async with self.embed_gathering:
+                batch = await _take_batch(
+                    self.embed_q, self.s.embed_batch_items, self.s.batch_wait_ms / 1000,
+                    more_coming=self.captions_pending, max_wait_s=self.s.embed_batch_max_wait_ms / 1000,
+                )
             await self.embed_batch(batch, allow_split=True)
 
     async def embed_batch(self, batch: list[_Work], allow_split: bool) -> None:

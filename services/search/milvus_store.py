@@ -216,7 +216,7 @@ class MilvusStore:
             index = c.prepare_index_params()
             for field in (F.IMAGE_VECTOR, F.CAPTION_VECTOR):
                 index.add_index(field, index_type=self.settings.index_type, metric_type=self.settings.metric_type,
-                                params=self._index_params())
+                                params=self._index_request_params())
             c.create_collection(
                 self.collection, schema=schema, index_params=index,
                 properties={PROP_MODEL: model_id, PROP_DIM: str(dimension)},
@@ -231,6 +231,16 @@ class MilvusStore:
         if s.index_type == "IVF_FLAT":
             return {"nlist": s.ivf_nlist}
         return {}
+
+    def _index_request_params(self) -> dict[str, Any]:
+        """Build params in both wire forms. pymilvus >= 2.4 sends each build param as its
+        own key (`M`, `nlist`), which Milvus reads; Milvus Lite 3.x reads only the legacy
+        JSON `params` key and silently built its own defaults instead (IVF_FLAT with nlist
+        128 instead of SEARCH_IVF_NLIST; see docs/benchmarks.md). Milvus accepts both forms
+        (it merges the legacy key), so sending both makes every backend build what is
+        configured."""
+        params = self._index_params()
+        return {**params, "params": dict(params)} if params else {}
 
     async def index_type(self) -> str:
         info = await self._call("describe_index", lambda c: c.describe_index(self.collection, F.IMAGE_VECTOR))

@@ -47,6 +47,10 @@ class SearchSettings(ServerSettings):
     embed_batch_items: int = 16  # images per Embed call (each adds its caption: 2 items)
     upsert_batch_items: int = 64
     batch_wait_ms: float = 20.0
+    # While captions are still being made, the embed stage keeps filling its batch for up
+    # to this long after its first item (fewer, fuller Embed calls when captioning is the
+    # slow stage); 0 = just batch_wait_ms.
+    embed_batch_max_wait_ms: float = 2000.0
     # Items received but not yet decided, per Ingest call; the stream is not read further.
     max_in_flight_items: int = 256
     max_metadata_bytes: int = 64 * 1024

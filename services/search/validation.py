@@ -15,7 +15,7 @@ _ID = re.compile(r"^[A-Za-z0-9_.:/\-]{1,%d}$" % F.MAX_ID_CHARS)
 
 
 def check_id(item_id: str) -> str:
-    if not _ID.match(item_id):
+    if not _ID.fullmatch(item_id):  # fullmatch: `$` alone would let a trailing newline through
         raise InvalidInput(f"id {item_id[:80]!r} is invalid: use 1 to {F.MAX_ID_CHARS} characters of [A-Za-z0-9_.:/-]")
     return item_id
 
