@@ -5,7 +5,12 @@ import io
 import socket
 
 import pytest
+from grpc.experimental.aio import init_grpc_aio
 from PIL import Image
+
+# grpc.aio's poller can deadlock when it is shut down and restarted with a fresh event loop
+# per test (grpc/grpc#22365, #40989); one early init keeps it alive for the whole session.
+init_grpc_aio()
 
 
 def free_port() -> int:

@@ -150,12 +150,17 @@ class DynamicBatcher:
         """Items admitted and not yet in a batch."""
         return self._admitted
 
+    @property
+    def in_flight(self) -> int:
+        """Batches handed to the model and not finished."""
+        return len(self._running)
+
     def start(self) -> None:
         if self._loop_task is None:
             self._loop_task = asyncio.create_task(self._schedule(), name="embedder-batcher")
 
-    async def stop(self) -> None:
-        """Fails what is queued (UNAVAILABLE) and waits for batches in flight."""
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """Fails what is queued (UNAVAILABLE) and waits (bounded) for batches in flight."""
         self._closed = True
         if self._loop_task is not None:
             self._loop_task.cancel()
@@ -168,7 +173,12 @@ class DynamicBatcher:
                 pending.fail(Unavailable("the embedder is shutting down"))
         self._queued_items = dict.fromkeys(self._queued_items, 0)
         if self._running:
-            await asyncio.gather(*self._running, return_exceptions=True)
+            # A hung model (a stuck CUDA kernel) must not hang shutdown: its callers
+            # get UNAVAILABLE after the timeout, the thread is abandoned.
+            _done, late = await asyncio.wait(set(self._running), timeout=timeout_s)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
 
     def admit(self, items: int) -> Admission:
         """Reserves room for `items`, or raises `Overloaded` at once when there is none."""

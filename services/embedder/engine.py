@@ -218,7 +218,10 @@ class EmbeddingEngine:
                     groups[Modality.IMAGE].append(image_prep)
                     groups[Modality.TEXT].append(text_prep)
             modalities = [m for m in Modality if groups[m]]
-            results = await asyncio.gather(*(admission.run(m, groups[m], deadline) for m in modalities))
+            if len(modalities) == 1:  # the common case: no extra task for a gather
+                results = [await admission.run(modalities[0], groups[modalities[0]], deadline)]
+            else:
+                results = await asyncio.gather(*(admission.run(m, groups[m], deadline) for m in modalities))
         vectors = dict(zip(modalities, results, strict=True))
         out = np.empty((len(items), self.info.dimension), dtype=np.float32)
         composed_rows: list[int] = []
@@ -241,13 +244,21 @@ class EmbeddingEngine:
         return item.instruction_weight or self.settings.composed_instruction_weight
 
     async def _preprocess_all(self, items: Sequence[Content]) -> list[Any]:
-        results = await asyncio.gather(
-            *(self._preprocess(i, item) for i, item in enumerate(items)), return_exceptions=True
-        )
-        for result in results:  # the first failing item, by index, is reported
-            if isinstance(result, BaseException):
-                raise result
-        return list(results)
+        # Texts are prepared inline (cheap); images go to the worker pool concurrently.
+        results: list[Any] = [None] * len(items)
+        pending: dict[int, Any] = {}
+        for i, item in enumerate(items):
+            if isinstance(item, TextContent):
+                results[i] = self.backend.preprocess_text(item.text)
+            else:
+                pending[i] = self._preprocess(i, item)
+        if pending:
+            done = await asyncio.gather(*pending.values(), return_exceptions=True)
+            for i, result in zip(pending, done, strict=True):
+                if isinstance(result, BaseException):
+                    raise result  # the first failing item, by index, is reported
+                results[i] = result
+        return results
 
     async def _preprocess(self, index: int, item: Content) -> Any:
         backend = self.backend

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from typing import Any
+from typing import Any, Self
 
 import grpc
 import numpy as np
@@ -228,6 +228,12 @@ class HeldModel:
     def release(self) -> None:
         self.gate.set()
 
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.release()  # also when the test fails: never leave the model thread blocked
+
 
 async def wait_until(predicate: Any, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
@@ -243,16 +249,19 @@ async def test_grpc_callers_are_merged_into_batches_in_order(
     words = [f"{w}" for w in ("a", "the", "photo", "of", "cat", "dog", "red", "car")] * 2
     async with serve(settings, clip_backend) as served:
         alone = {w: (await served.embed(text(w))).embeddings[0].values for w in set(words)}
-        held = HeldModel(served, clip_backend, monkeypatch)
-        batches_before = metric("embedder_batch_size_count", modality="text")
-        calls = [asyncio.create_task(served.embed(text(w))) for w in words]
-        await wait_until(lambda: served.engine.batcher.depth >= len(words) - 1)
-        held.release()
+        batcher = served.engine.batcher
+        with HeldModel(served, clip_backend, monkeypatch) as held:
+            busy = asyncio.create_task(served.embed(text("photo")))  # occupies the held model
+            await wait_until(lambda: batcher.in_flight == 1 and batcher.depth == 0)
+            batches_before = metric("embedder_batch_size_count", modality="text")
+            calls = [asyncio.create_task(served.embed(text(w))) for w in words]
+            await wait_until(lambda: batcher.depth == len(words))
         replies = await asyncio.gather(*calls)
+        await busy
     for w, reply in zip(words, replies, strict=True):
         np.testing.assert_allclose(reply.embeddings[0].values, alone[w], atol=1e-5)
-    assert max(len(b) for b in held.computed) >= len(words) - 1  # merged across callers
-    assert metric("embedder_batch_size_count", modality="text") - batches_before <= 2
+    assert [len(b) for b in held.computed] == [1, len(words)]  # 16 callers, one forward
+    assert metric("embedder_batch_size_count", modality="text") - batches_before == 1
 
 
 async def test_grpc_full_queue_is_resource_exhausted_at_once(
@@ -262,21 +271,22 @@ async def test_grpc_full_queue_is_resource_exhausted_at_once(
         backend="clip", model_dir=clip_dir, max_batch_items=4, max_model_batch_size=4, max_queue_items=8
     )
     async with serve(settings, clip_backend) as served:
-        held = HeldModel(served, clip_backend, monkeypatch)
-        first = asyncio.create_task(served.embed(*[text("a")] * 4))  # taken by the held model
-        await wait_until(lambda: served.engine.batcher.depth == 0 and first.done() is False)
-        waiting = [asyncio.create_task(served.embed(*[text("cat")] * 4)) for _ in range(2)]
-        await wait_until(lambda: served.engine.batcher.depth == 8)
-        started = time.perf_counter()
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await served.embed(text("dog"))
-        assert time.perf_counter() - started < 1.0
-        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "queue is full" in caught.value.details()
-        held.release()
-        assert len((await first).embeddings) == 4
-        assert all(len(r.embeddings) == 4 for r in await asyncio.gather(*waiting))
-        assert len((await served.embed(text("dog"))).embeddings) == 1  # room again
+        batcher = served.engine.batcher
+        with HeldModel(served, clip_backend, monkeypatch) as held:
+            first = asyncio.create_task(served.embed(*[text("a")] * 4))  # taken by the held model
+            await wait_until(lambda: batcher.in_flight == 1 and batcher.depth == 0)
+            waiting = [asyncio.create_task(served.embed(*[text("cat")] * 4)) for _ in range(2)]
+            await wait_until(lambda: batcher.depth == 8)
+            started = time.perf_counter()
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await served.embed(text("dog"))
+            assert time.perf_counter() - started < 1.0
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "queue is full" in caught.value.details()
+            held.release()
+            assert len((await first).embeddings) == 4
+            assert all(len(r.embeddings) == 4 for r in await asyncio.gather(*waiting))
+            assert len((await served.embed(text("dog"))).embeddings) == 1  # room again
 
 
 async def test_grpc_expired_deadline_is_not_computed(
@@ -284,22 +294,23 @@ async def test_grpc_expired_deadline_is_not_computed(
 ) -> None:
     settings = make_settings(backend="clip", model_dir=clip_dir)
     async with serve(settings, clip_backend) as served:
-        held = HeldModel(served, clip_backend, monkeypatch)
-        busy = asyncio.create_task(served.embed(text("a")))
-        await wait_until(lambda: served.engine.batcher.depth == 0)
-        late = asyncio.create_task(served.embed(text("the red car"), timeout=0.3))
-        patient = asyncio.create_task(served.embed(text("dog"), timeout=30))
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await late
-        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        await asyncio.sleep(0.1)
-        held.release()
-        await busy
-        assert len((await patient).embeddings) == 1
-        await asyncio.sleep(0.05)
+        batcher = served.engine.batcher
+        with HeldModel(served, clip_backend, monkeypatch) as held:
+            busy = asyncio.create_task(served.embed(text("a")))
+            await wait_until(lambda: batcher.in_flight == 1 and batcher.depth == 0)
+            late = asyncio.create_task(served.embed(text("the red car"), timeout=0.3))
+            patient = asyncio.create_task(served.embed(text("dog"), timeout=30))
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await late
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            await asyncio.sleep(0.1)
+            held.release()
+            await busy
+            assert len((await patient).embeddings) == 1
+            await asyncio.sleep(0.05)
     computed = [t for batch in held.computed for t in batch]
-    assert "dog" in computed and "the red car" not in computed
-    assert served.engine.batcher.depth == 0
+    assert computed == ["a", "dog"]  # the expired call never reached the model
+    assert batcher.depth == 0
 
 
 async def test_a_modality_can_cap_its_own_batch_size() -> None:

@@ -99,7 +99,7 @@ def build_tiny_clip(
 
 
 def build_clip_b32_sized(path: Path, seed: int = 0) -> Path:
-    """Random weights with ViT-B/32 CLIP's shapes (151 M parameters): for speed benchmarks."""
+    """Random weights with the tower shapes of CLIP ViT-B/32 (small vocabulary): for speed benchmarks."""
     return build_tiny_clip(
         path,
         hidden=512,

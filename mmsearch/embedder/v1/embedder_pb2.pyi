@@ -72,7 +72,7 @@ class EmbedResponse(_message.Message):
     MODEL_ID_FIELD_NUMBER: _builtins.int
     DIMENSION_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
-    """Identifier of the model that produced the vectors (e.g. "lite-conse-effnetl0-minilm")."""
+    """Identifier of the model that produced the vectors (e.g. "conse-efficientnet-lite0-imagenet1k+all-MiniLM-L6-v2-t10-T2-<hash>")."""
     dimension: _builtins.int
     """Vector dimension."""
     @_builtins.property
