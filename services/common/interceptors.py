@@ -62,7 +62,7 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     def deserialize(raw: bytes) -> Any:
         try:
             return deserializer(raw)
-        except Exception as e:  # google.protobuf.message.DecodeError and friends
+        except Exception as e:  # noqa: BLE001 - DecodeError and friends: any parse failure is the caller's
             return UndecodableRequest(f"the request could not be decoded: {e}")
 
     return deserialize
@@ -177,5 +177,44 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
                 return deny_stream
             return deny
+
+        return wrap_handler(handler, wrapper)
+
+
+class StartupGate(grpc.aio.ServerInterceptor):
+    """Refuses calls with UNAVAILABLE until the app has started.
+
+    The port opens before models load so health can answer NOT_SERVING meanwhile; a call
+    that arrives then (a client that does not watch health, or a restarted pod behind a
+    connection that is already up) must get a retryable UNAVAILABLE, never reach a
+    half-loaded app and come back INTERNAL. Health and reflection always pass.
+    """
+
+    def __init__(self, app_name: str) -> None:
+        self.open = False
+        self._app_name = app_name
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        if self.open or handler_call_details.method.startswith(UNAUTHENTICATED_PREFIXES):
+            return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
+        message = f"{self._app_name} is starting (loading its model or connections); retry shortly"
+
+        def wrapper(_b: Callable[..., Any], _rs: bool, resp_stream: bool) -> Callable[..., Any]:
+            async def refuse(_request: Any, context: grpc.aio.ServicerContext) -> Any:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, message)
+
+            if resp_stream:
+
+                async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                    await refuse(request, context)
+                    yield  # pragma: no cover - makes this an async generator
+
+                return refuse_stream
+            return refuse
 
         return wrap_handler(handler, wrapper)

@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from services.common.interceptors import BearerTokenInterceptor, ErrorMappingInterceptor
+from services.common.interceptors import BearerTokenInterceptor, ErrorMappingInterceptor, StartupGate
 from services.common.log import configure_logging, get_logger
 from services.common.metrics import MetricsInterceptor, start_metrics_server
 from services.common.security import server_credentials
@@ -116,18 +116,22 @@ async def start_server(settings: ServerSettings, app: GrpcApp) -> RunningServer:
     interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor()]
     if settings.auth_tokens:
         interceptors.append(BearerTokenInterceptor(settings.auth_tokens))
-    interceptors.append(ErrorMappingInterceptor())
+    gate = StartupGate(app.name)  # UNAVAILABLE until on_start has finished
+    interceptors += [gate, ErrorMappingInterceptor()]
+    options: list[tuple[str, int]] = [
+        ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
+        ("grpc.max_send_message_length", settings.max_send_message_bytes),
+        # Clients re-resolve and rebalance when connections age out, so new replicas get
+        # traffic; calls in flight finish on the old connection (unbounded unless a grace
+        # is set: a long Ingest stream must not be cut because its connection is old).
+        ("grpc.max_connection_age_ms", settings.max_connection_age_s * 1000),
+    ]
+    if settings.max_connection_age_grace_s is not None:
+        options.append(("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_s * 1000)))
     server = grpc.aio.server(
         interceptors=interceptors,
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
-        options=[
-            ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
-            ("grpc.max_send_message_length", settings.max_send_message_bytes),
-            # Clients re-resolve and rebalance when connections age out, so new replicas
-            # get traffic; the grace lets in-flight calls finish on the old connection.
-            ("grpc.max_connection_age_ms", settings.max_connection_age_s * 1000),
-            ("grpc.max_connection_age_grace_ms", int(settings.shutdown_grace_s * 1000)),
-        ],
+        options=options,
     )
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -147,7 +151,18 @@ async def start_server(settings: ServerSettings, app: GrpcApp) -> RunningServer:
     await health.set(LIVENESS, SERVING)
     await server.start()  # health answers NOT_SERVING while models load
     log.info("loading", app=app.name, port=port, metrics_port=metrics_port, tls=creds is not None)
-    await app.on_start()
+    try:
+        await app.on_start()
+    except BaseException:
+        # A failed start leaves nothing listening behind (port, gRPC threads, /metrics).
+        await server.stop(0)
+        with contextlib.suppress(Exception):
+            await app.on_stop()
+        if metrics_http is not None:
+            metrics_http.shutdown()
+            metrics_http.server_close()
+        raise
+    gate.open = True
     running._tasks.append(asyncio.create_task(_watch_readiness(running)))
     # Wait for the first readiness verdict so callers see the real health once we return.
     await running._first_verdict.wait()

@@ -81,6 +81,10 @@ class ServerSettings(BaseSettings):
     shutdown_grace_s: float = 20.0
     # Connections are closed after this age so clients rebalance onto new replicas.
     max_connection_age_s: int = 300
+    # How long calls already running on an aged connection may go on (new calls use a new
+    # connection at once). Unset: until they finish, so a long Ingest stream is never cut
+    # by ageing (with a bound, it ended UNAVAILABLE "max connection age" mid-stream).
+    max_connection_age_grace_s: float | None = None
     log_level: str = "INFO"
     log_json: bool = True
     tls: TlsSettings = Field(default_factory=TlsSettings)

@@ -147,7 +147,7 @@ class MilvusStore:
             await asyncio.get_running_loop().run_in_executor(
                 self._pool, lambda: self._get_client().has_collection(self.collection))
             return True
-        except Exception:
+        except Exception:  # noqa: BLE001 - any failure means "does not answer"
             return False
 
     def _search_params(self, window: int) -> dict[str, Any]:

@@ -65,7 +65,10 @@ def check_vector(values: list[float] | np.ndarray, dimension: int) -> np.ndarray
         raise InvalidInput(f"query_vector has {vector.size} values, the collection's dimension is {dimension}")
     if not np.all(np.isfinite(vector)):
         raise InvalidInput("query_vector contains NaN or infinity")
-    norm = float(np.linalg.norm(vector))
+    with np.errstate(over="ignore"):
+        norm = float(np.linalg.norm(vector))
     if norm == 0.0 or math.isnan(norm):
         raise InvalidInput("query_vector is all zeros")
+    if math.isinf(norm):  # finite float32 values whose norm overflows: no similarity is defined
+        raise InvalidInput("query_vector values are too large (its norm overflows float32)")
     return vector

@@ -62,7 +62,7 @@ def web() -> Iterator[str]:
     }
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             status, headers, body = routes.get(self.path, (404, {}, b""))
             self.send_response(status)
             for k, v in headers.items():

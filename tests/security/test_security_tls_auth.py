@@ -7,6 +7,7 @@ client certificate. Every refusal is checked on the wire (real handshakes on loo
 """
 from __future__ import annotations
 
+import asyncio
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,8 +27,14 @@ from services.common.channels import create_channel
 from services.common.server import RunningServer
 from services.common.settings import ClientTlsSettings, TlsSettings
 from tests.conftest import MilvusLiteServer
-from tests.reliability.helpers import distinct_images, ingest_all, items_of, start_captioner, start_embedder, \
-    start_search
+from tests.reliability.helpers import (
+    distinct_images,
+    ingest_all,
+    items_of,
+    start_captioner,
+    start_embedder,
+    start_search,
+)
 from tests.security.certs import Pki, make_pki
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -198,7 +205,8 @@ async def test_probes_and_tooling_need_no_token(suite: dict[str, RunningServer],
         names = {s.name for s in replies[0].list_services_response.service}
         assert "mmsearch.search.v1.Search" in names
     assert search.metrics_port
-    body = urllib.request.urlopen(f"http://127.0.0.1:{search.metrics_port}/metrics", timeout=5).read().decode()
+    url = f"http://127.0.0.1:{search.metrics_port}/metrics"
+    body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
     assert "grpc_server_handled_total" in body
     assert TOKEN not in body and TOKEN_2 not in body
 

@@ -1,0 +1,240 @@
+"""Shared by the reliability and security tests: small distinct images, services in this
+process or as real `python -m services.<name>` processes (to kill -9 them, read their RSS
+and capture every log line they write), and ingest bookkeeping."""
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from mmsearch.common.v1 import types_pb2
+from mmsearch.search.v1 import search_pb2, search_pb2_grpc
+from services.common.server import RunningServer, start_server
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+# --- images ---------------------------------------------------------------------------------
+
+
+def distinct_images(n: int, size: int = 64, fmt: str = "PNG", seed: int = 0) -> list[bytes]:
+    """`n` small images with different pixels (so different content-hash ids): an 8x8 grid
+    of random colours scaled up, cheap to decode and to embed."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        cells = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        img = Image.fromarray(cells).resize((size, size), Image.Resampling.NEAREST)
+        buf = io.BytesIO()
+        img.save(buf, format=fmt)
+        out.append(buf.getvalue())
+    return out
+
+
+def items_of(images: Iterable[bytes], **kw: Any) -> list[search_pb2.IngestItem]:
+    return [search_pb2.IngestItem(image=types_pb2.Image(data=d), **kw) for d in images]
+
+
+def chunks(items: list[search_pb2.IngestItem], size: int = 25) -> list[search_pb2.IngestRequest]:
+    return [search_pb2.IngestRequest(items=items[i : i + size]) for i in range(0, len(items), size)]
+
+
+@dataclass
+class IngestRun:
+    """Every outcome of one Ingest call, by stream index; a second outcome for an index fails."""
+
+    outcomes: dict[int, search_pb2.ItemOutcome] = field(default_factory=dict)
+    progress: search_pb2.IngestProgress = field(default_factory=search_pb2.IngestProgress)
+
+    def add(self, reply: search_pb2.IngestResponse) -> None:
+        for o in reply.outcomes:
+            assert o.index not in self.outcomes, f"item {o.index} got two outcomes"
+            self.outcomes[o.index] = o
+        self.progress = reply.progress
+
+    def with_status(self, status: int) -> dict[int, search_pb2.ItemOutcome]:
+        return {i: o for i, o in self.outcomes.items() if o.status == status}
+
+    @property
+    def failed(self) -> dict[int, search_pb2.ItemOutcome]:
+        return self.with_status(search_pb2.ITEM_STATUS_FAILED)
+
+    @property
+    def stored(self) -> dict[int, search_pb2.ItemOutcome]:
+        return self.with_status(search_pb2.ITEM_STATUS_STORED)
+
+
+async def ingest_all(stub: search_pb2_grpc.SearchStub, items: list[search_pb2.IngestItem],
+                     timeout_s: float = 300, metadata: Any = None) -> IngestRun:
+    run = IngestRun()
+    async for reply in stub.Ingest(iter(chunks(items)), timeout=timeout_s, metadata=metadata):
+        run.add(reply)
+    return run
+
+
+# --- health ---------------------------------------------------------------------------------
+
+
+async def health_of(address: str, service: str = "", creds: grpc.ChannelCredentials | None = None,
+                    options: Any = None) -> int:
+    """The health status, or -1 when nothing answers."""
+    channel = (grpc.aio.secure_channel(address, creds, options=options) if creds
+               else grpc.aio.insecure_channel(address))
+    async with channel:
+        try:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=2)
+        except grpc.aio.AioRpcError:
+            return -1
+        return reply.status
+
+
+async def wait_health(address: str, status: int, within_s: float, what: str = "") -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < within_s:
+        if await health_of(address) == status:
+            return time.monotonic() - start
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{what or address} did not reach health {status} within {within_s} s")
+
+
+# --- services in this process -----------------------------------------------------------------
+
+
+async def start_embedder(**overrides: Any) -> RunningServer:
+    from services.embedder.app import create_app
+    from services.embedder.settings import EmbedderSettings
+
+    settings = EmbedderSettings(**{"host": "127.0.0.1", "grpc_port": 0, "metrics_port": -1, **overrides})
+    return await start_server(settings, create_app(settings))
+
+
+async def start_captioner(**overrides: Any) -> RunningServer:
+    from services.captioner.app import build_app
+    from services.captioner.settings import CaptionerSettings
+
+    settings = CaptionerSettings(**{"host": "127.0.0.1", "grpc_port": 0, "metrics_port": -1, **overrides})
+    return await start_server(settings, build_app(settings))
+
+
+async def start_search(milvus_uri: str, embedder: str, captioner: str, **overrides: Any) -> RunningServer:
+    from services.search.app import SearchService
+    from services.search.settings import SearchSettings
+
+    settings = SearchSettings(**{
+        "host": "127.0.0.1", "grpc_port": 0, "metrics_port": -1, "milvus_uri": milvus_uri,
+        "embedder_target": embedder, "captioner_target": captioner, "upstream_timeout_s": 30, **overrides,
+    })
+    return await start_server(settings, SearchService(settings).app())
+
+
+# --- services as processes ------------------------------------------------------------------
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size of a process in MiB, from /proc (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+_STARTED: list[ServiceProcess] = []
+
+
+@atexit.register
+def _stop_leftovers() -> None:
+    """Processes run in their own session (so a kill -9 hits only them): stop any a failed
+    test left behind when the test process exits."""
+    for p in _STARTED:
+        with contextlib.suppress(Exception):
+            p.stop()
+
+
+class ServiceProcess:
+    """`python -m services.<name>` with `<PREFIX>_*` settings; stdout+stderr to a log file.
+
+    The port is chosen once, so a restart after kill -9 listens where clients already dial.
+    """
+
+    def __init__(self, name: str, env: dict[str, str], log_dir: Path, port: int | None = None) -> None:
+        self.name = name
+        self.prefix = name.upper()
+        self.port = port or free_port()
+        self.env = env
+        self.log_path = log_dir / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> ServiceProcess:
+        p = self.prefix
+        env = {**os.environ, f"{p}_HOST": "127.0.0.1", f"{p}_GRPC_PORT": str(self.port),
+               f"{p}_METRICS_PORT": "-1", f"{p}_SHUTDOWN_GRACE_S": "1", **self.env}
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it; appended across restarts
+        self.proc = subprocess.Popen([sys.executable, "-m", f"services.{self.name}"], cwd=ROOT, env=env,
+                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        self.starts += 1
+        _STARTED.append(self)
+        return self
+
+    async def wait_serving(self, timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
+            if await health_of(self.address) == SERVING:
+                return
+            await asyncio.sleep(0.2)
+        raise TimeoutError(f"{self.name} not SERVING after {timeout_s} s:\n{self.tail()}")
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(self.log().splitlines()[-n:])
