@@ -162,6 +162,16 @@ def sample_jpegs(n: int | None = None, max_side: int | None = None, seed: int = 
     return out
 
 
+def release_embedded_milvus(uri: str) -> None:
+    """Stops the Milvus Lite server pymilvus embedded in this process for `uri` (so its
+    directory can be removed without Milvus Lite writing it again at exit)."""
+    try:
+        from milvus_lite.server_manager import server_manager_instance
+    except ImportError:
+        return
+    server_manager_instance.release_server(uri)
+
+
 def unit_vectors(n: int, dim: int, seed: int = 0, clusters: int = 0) -> np.ndarray:
     """Synthetic L2-normalised float32 vectors. With `clusters`, points scatter around
     that many random centres (closer to real embeddings than uniform noise, and harder
@@ -269,7 +279,7 @@ class Suite:
     captioner_env: dict[str, str] = field(default_factory=dict)
     with_captioner: bool = True
     search_metrics: bool = False  # serve the search process' /metrics (see scrape_metrics)
-    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="mmsearch-bench-")))
+    workdir: Path = field(default_factory=Path)  # a fresh temporary directory, made by start()
     procs: dict[str, Proc] = field(default_factory=dict)
     milvus_uri: str = ""
     metrics_port: int = -1
@@ -277,6 +287,8 @@ class Suite:
     async def start(self) -> Suite:
         """Spawns every process at once (the search service waits for the embedder by
         itself), then waits until all of them answer health checks."""
+        if self.workdir == Path():
+            self.workdir = Path(tempfile.mkdtemp(prefix="mmsearch-bench-"))
         py = sys.executable
         quiet = {"LOG_LEVEL": "WARNING"}
         emb_port, cap_port, search_port = free_port(), free_port(), free_port()
@@ -344,7 +356,8 @@ class Suite:
 
     def cleanup(self) -> None:
         self.stop()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        if self.workdir != Path():
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     async def __aenter__(self) -> Suite:  # noqa: PYI034 - may hand out the shared suite, not self
         if _SHARED is not None:  # CI smoke runs: one suite for every benchmark

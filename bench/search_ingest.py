@@ -29,7 +29,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import sys
+import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -180,8 +182,12 @@ async def run(milvus: str, args: argparse.Namespace) -> tuple[list[list[Any]], l
         n1 = min(len(jpegs), args.single_items)
         t_emb1, _, _, cpu_emb1 = await stage_embed(emb, jpegs[:n1], captions[:n1],
                                                    s.model_copy(update={"embed_batch_items": 1}), pids["embedder"])
-        upsert_uri = suite.milvus_uri if milvus == "server" else str(suite.workdir / "upsert-alone.db")
+        scratch = Path(tempfile.mkdtemp(prefix="mmsearch-bench-upsert-"))
+        upsert_uri = suite.milvus_uri if milvus == "server" else str(scratch / "upsert-alone.db")
         t_ups = await alone("upsert", pids.get("milvus", me), stage_upsert(upsert_uri, vecs, model_id, captions, s))
+        if milvus != "server":
+            C.release_embedded_milvus(upsert_uri)
+        shutil.rmtree(scratch, ignore_errors=True)
         stages = {"decode": t_dec, "caption": t_cap, "embed": t_emb, "upsert": t_ups}
         async with grpc.aio.insecure_channel(suite.search.address, options=C.CLIENT_OPTIONS) as channel:
             stub = search_pb2_grpc.SearchStub(channel)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import sys
 import tempfile
 import time
@@ -213,7 +214,8 @@ def main() -> None:
 
     from pymilvus import MilvusClient
 
-    uri = str(Path(tempfile.mkdtemp(prefix="mmsearch-recall-")) / "recall.db")
+    tmp = Path(tempfile.mkdtemp(prefix="mmsearch-recall-"))
+    uri = str(tmp / "recall.db")
     client = MilvusClient(uri=uri, timeout=600)
     name = "recall"
     insert_s = create(client, name, data, args.batch)
@@ -246,10 +248,13 @@ def main() -> None:
                 flat_p50 = st["p50"]
             is_default = (index_type == "HNSW" and value == defaults.hnsw_ef) or (
                 index_type == "IVF_FLAT" and value == defaults.ivf_nprobe)
-            rows.append([spec, f"{knob}={value}" + (" (default)" if is_default else ""), recall(found, truth),
+            label = "-" if knob == "-" else f"{knob}={value}" + (" (default)" if is_default else "")
+            rows.append([spec, label, recall(found, truth),
                          st["p50"], st["p99"], st["p50"] / flat_p50 if not math.isnan(flat_p50) else float("nan")])
             print(f"  {rows[-1][1]}: recall@{args.k} {rows[-1][2]:.4f}, p50 {st['p50']:.2f} ms", flush=True)
     client.close()
+    C.release_embedded_milvus(uri)
+    shutil.rmtree(tmp, ignore_errors=True)
     C.print_table(f"Index build on {args.n} x {args.dim} (inserted once in {insert_s:.0f} s)",
                   ["index", "build s", "configured build params", "describe_index params",
                    "what Milvus Lite built (per segment)"], builds)
