@@ -95,6 +95,15 @@ class EmbeddingBackend(ABC):
 class LocalBackend(EmbeddingBackend):
     """An in-process model: `load` and `forward` run on the single model thread."""
 
+    # Set by `load` once the weights tell the model id and dimension.
+    _info: BackendInfo | None = None
+
+    @property
+    def info(self) -> BackendInfo:
+        if self._info is None:
+            raise RuntimeError("model not loaded")
+        return self._info
+
     @abstractmethod
     def load(self) -> None:
         """Loads weights (blocking). Must be idempotent: a loaded backend may be reused."""

@@ -52,7 +52,6 @@ class VisualizedBgeBackend(LocalBackend):
         self._model_id = model_id
         self._torch_threads = torch_threads
         self.model: Any = None
-        self._info: BackendInfo | None = None
 
     @classmethod
     def from_settings(cls, settings: EmbedderSettings) -> VisualizedBgeBackend:
@@ -70,12 +69,6 @@ class VisualizedBgeBackend(LocalBackend):
             settings.model_id,
             settings.torch_threads,
         )
-
-    @property
-    def info(self) -> BackendInfo:
-        if self._info is None:
-            raise RuntimeError("model not loaded")
-        return self._info
 
     def load(self) -> None:
         if self.model is not None:

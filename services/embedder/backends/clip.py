@@ -46,19 +46,12 @@ class ClipBackend(LocalBackend):
         self.model: Any = None
         self.tokenizer: Any = None
         self.image_processor: Any = None
-        self._info: BackendInfo | None = None
 
     @classmethod
     def from_settings(cls, settings: EmbedderSettings) -> ClipBackend:
         if settings.model_dir is None:
             raise ValueError("the clip backend needs EMBEDDER_MODEL_DIR (a CLIP or SigLIP checkpoint directory)")
         return cls(settings.model_dir, settings.device, settings.dtype, settings.model_id, settings.torch_threads)
-
-    @property
-    def info(self) -> BackendInfo:
-        if self._info is None:
-            raise RuntimeError("model not loaded")
-        return self._info
 
     def load(self) -> None:
         if self.model is not None:

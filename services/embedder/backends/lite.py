@@ -39,18 +39,11 @@ class LiteBackend(LocalBackend):
         self._model_id = model_id
         self._torch_threads = torch_threads
         self.conse: Any = None
-        self._info: BackendInfo | None = None
 
     @classmethod
     def from_settings(cls, settings: EmbedderSettings) -> LiteBackend:
         # A CUDA device buys little for these small models; "auto" still honours it.
         return cls(settings.lite.top_t, settings.device, settings.model_id, settings.torch_threads)
-
-    @property
-    def info(self) -> BackendInfo:
-        if self._info is None:
-            raise RuntimeError("model not loaded")
-        return self._info
 
     def load(self) -> None:
         if self.conse is not None:
