@@ -220,7 +220,7 @@ class Proc:
             return ""
 
 
-def _spawn(name: str, args: list[str], env: dict[str, str], port: int, workdir: Path) -> Proc:
+def spawn(name: str, args: list[str], env: dict[str, str], port: int, workdir: Path) -> Proc:
     log_path = workdir / f"{name}.log"
     log = open(log_path, "wb")  # noqa: SIM115 - closed with the process
     popen = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
@@ -292,24 +292,24 @@ class Suite:
         py = sys.executable
         quiet = {"LOG_LEVEL": "WARNING"}
         emb_port, cap_port, search_port = free_port(), free_port(), free_port()
-        self.procs["embedder"] = _spawn("embedder", [py, "-m", "services.embedder"], {
+        self.procs["embedder"] = spawn("embedder", [py, "-m", "services.embedder"], {
             "EMBEDDER_HOST": "127.0.0.1", "EMBEDDER_GRPC_PORT": str(emb_port), "EMBEDDER_METRICS_PORT": "-1",
             **{f"EMBEDDER_{k}": v for k, v in quiet.items()}, **self.embedder_env}, emb_port, self.workdir)
         if self.with_captioner:
-            self.procs["captioner"] = _spawn("captioner", [py, "-m", "services.captioner"], {
+            self.procs["captioner"] = spawn("captioner", [py, "-m", "services.captioner"], {
                 "CAPTIONER_HOST": "127.0.0.1", "CAPTIONER_GRPC_PORT": str(cap_port), "CAPTIONER_METRICS_PORT": "-1",
                 **{f"CAPTIONER_{k}": v for k, v in quiet.items()}, **self.captioner_env}, cap_port, self.workdir)
         if self.milvus == "server":
             mport = free_port()
             data = self.workdir / "milvus-data"
-            self.procs["milvus"] = _spawn("milvus", [milvus_lite_bin(), "server", "--data-dir", str(data), "--port",
+            self.procs["milvus"] = spawn("milvus", [milvus_lite_bin(), "server", "--data-dir", str(data), "--port",
                                                      str(mport), "--host", "127.0.0.1"], {}, mport, self.workdir)
             await wait_port(mport, self.procs["milvus"])
             self.milvus_uri = f"http://127.0.0.1:{mport}"
         else:
             self.milvus_uri = str(self.workdir / "milvus.db")
         self.metrics_port = free_port() if self.search_metrics else -1
-        self.procs["search"] = _spawn("search", [py, "-m", "services.search"], {
+        self.procs["search"] = spawn("search", [py, "-m", "services.search"], {
             "SEARCH_HOST": "127.0.0.1", "SEARCH_GRPC_PORT": str(search_port),
             "SEARCH_METRICS_PORT": str(self.metrics_port),
             "SEARCH_LOG_LEVEL": "WARNING", "SEARCH_MILVUS_URI": self.milvus_uri,
@@ -334,7 +334,7 @@ class Suite:
         port = free_port()
         self.search_env = {**self.search_env, **env}
         cap = self.procs["captioner"].address if "captioner" in self.procs else f"127.0.0.1:{free_port()}"
-        self.procs["search"] = _spawn(f"search-{port}", [sys.executable, "-m", "services.search"], {
+        self.procs["search"] = spawn(f"search-{port}", [sys.executable, "-m", "services.search"], {
             "SEARCH_HOST": "127.0.0.1", "SEARCH_GRPC_PORT": str(port), "SEARCH_METRICS_PORT": str(self.metrics_port),
             "SEARCH_LOG_LEVEL": "WARNING", "SEARCH_MILVUS_URI": self.milvus_uri,
             "SEARCH_EMBEDDER_TARGET": self.procs["embedder"].address, "SEARCH_CAPTIONER_TARGET": cap,

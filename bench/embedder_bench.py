@@ -25,9 +25,7 @@ import argparse
 import asyncio
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,16 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.common import Proc, cpu_seconds, free_port, sample_jpegs, spawn, wait_serving
 from mmsearch.common.v1 import types_pb2
 from mmsearch.embedder.v1 import embedder_pb2, embedder_pb2_grpc
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def sample_texts(n: int = 64) -> list[str]:
@@ -70,19 +62,6 @@ def sample_texts(n: int = 64) -> list[str]:
     return [f"{subjects[i % len(subjects)]}, photo {i}" for i in range(n)]
 
 
-def sample_jpegs() -> list[bytes]:
-    import io
-
-    from services.lite_models.sample_photos import load_sample_photos
-
-    out = []
-    for photo in load_sample_photos():
-        buf = io.BytesIO()
-        photo.image.convert("RGB").save(buf, format="JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
-
-
 # --- measurement -----------------------------------------------------------------------------
 
 
@@ -97,14 +76,6 @@ class Rate:
 
     per_s: float
     per_cpu_s: float
-
-
-def process_cpu_s(pid: int | None = None) -> float:
-    """User + system CPU seconds of this process (pid None) or another one, all threads."""
-    if pid is None:
-        return time.process_time()
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # --- in-process baseline -------------------------------------------------------------------
@@ -141,14 +112,14 @@ def throughput(fn: Callable[[list[Any]], None], pool: list[Any], batch: int, sec
         return [pool[(i * batch + j) % len(pool)] for j in range(batch)]
 
     fn(cut(0))
-    done, i, started, cpu = 0, 1, time.perf_counter(), process_cpu_s()
+    done, i, started, cpu = 0, 1, time.perf_counter(), time.process_time()
     while True:
         fn(cut(i))
         done += batch
         i += 1
         elapsed = time.perf_counter() - started
         if elapsed >= seconds and i >= 2:
-            return Rate(done / elapsed, done / max(process_cpu_s() - cpu, 1e-9))
+            return Rate(done / elapsed, done / max(time.process_time() - cpu, 1e-9))
 
 
 # --- service ---------------------------------------------------------------------------------
@@ -160,45 +131,20 @@ def content(modality: str, payload: Any) -> types_pb2.Content:
     return types_pb2.Content(image=types_pb2.Image(data=payload))
 
 
-class Service:
-    def __init__(self, env: dict[str, str]) -> None:
-        self.port = free_port()
-        env = {
-            **os.environ,
-            **env,
-            "EMBEDDER_GRPC_PORT": str(self.port),
-            "EMBEDDER_HOST": "127.0.0.1",
-            "EMBEDDER_METRICS_PORT": "-1",
-            "EMBEDDER_LOG_LEVEL": "WARNING",
-        }
-        self.proc = subprocess.Popen([sys.executable, "-m", "services.embedder"], cwd=ROOT, env=env)
-
-    async def wait_serving(self, timeout_s: float = 600) -> None:
-        deadline = time.monotonic() + timeout_s
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{self.port}") as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"embedder exited with {self.proc.returncode}")
-                try:
-                    reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=2)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.aio.AioRpcError:
-                    pass
-                await asyncio.sleep(0.5)
-        raise TimeoutError("embedder did not become SERVING")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+def start_service(env: dict[str, str]) -> Proc:
+    port = free_port()
+    env = {
+        **env,
+        "EMBEDDER_GRPC_PORT": str(port),
+        "EMBEDDER_HOST": "127.0.0.1",
+        "EMBEDDER_METRICS_PORT": "-1",
+        "EMBEDDER_LOG_LEVEL": "WARNING",
+    }
+    return spawn("embedder", [sys.executable, "-m", "services.embedder"], env, port, Path(tempfile.mkdtemp()))
 
 
 async def service_throughput(
-    service: Service, modality: str, pool: list[Any], batch: int, clients: int, seconds: float
+    service: Proc, modality: str, pool: list[Any], batch: int, clients: int, seconds: float
 ) -> Rate:
     port = service.port
     async with grpc.aio.insecure_channel(
@@ -223,9 +169,9 @@ async def service_throughput(
                 done += batch
                 i += clients
 
-        started, cpu = time.perf_counter(), process_cpu_s(service.proc.pid)
+        started, cpu = time.perf_counter(), cpu_seconds(service.pid)
         await asyncio.gather(*(client(c) for c in range(clients)))
-        elapsed, cpu = time.perf_counter() - started, process_cpu_s(service.proc.pid) - cpu
+        elapsed, cpu = time.perf_counter() - started, cpu_seconds(service.pid) - cpu
         return Rate(done / elapsed, done / max(cpu, 1e-9))
 
 
@@ -237,7 +183,7 @@ class Latency:
     noop_ms: float  # p50 of a no-op RPC (Info): the floor of any gRPC hop
 
 
-async def latency(service: Service, raw: Raw, n: int, text: str, block: int = 20) -> Latency:
+async def latency(service: Proc, raw: Raw, n: int, text: str, block: int = 20) -> Latency:
     """Short-text latency: blocks of `block` in-process calls, served calls and no-op
     RPCs, repeated, so slow drifts of the machine's load hit all three alike."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
@@ -323,14 +269,14 @@ def main() -> None:
         f" load average at start {os.getloadavg()[0]:.1f}"
     )
     started_all = time.perf_counter()
-    service = Service(env)  # loads in its own process while the baseline loads here
+    service = start_service(env)  # loads in its own process while the baseline loads here
     try:
         raw = Raw(settings)
         print(
             f"backend {args.backend}: {raw.backend.info.model_id} dim {raw.backend.info.dimension}"
             f" (in-process load {raw.load_s:.1f} s)"
         )
-        asyncio.run(service.wait_serving())
+        asyncio.run(wait_serving(service, timeout_s=600))
         raw_results: dict[str, dict[int, Rate]] = {}
         svc: dict[str, dict[str, Rate]] = {}
         # Per modality, the in-process and the served measurements run back to back (the

@@ -32,7 +32,7 @@ async def main_async(args: argparse.Namespace) -> None:
     port = C.free_port()
     env = {"EMBEDDER_HOST": "127.0.0.1", "EMBEDDER_GRPC_PORT": str(port), "EMBEDDER_METRICS_PORT": "-1",
            "EMBEDDER_LOG_LEVEL": "WARNING", **dict(e.split("=", 1) for e in args.env)}
-    proc = C._spawn("embedder", [sys.executable, "-m", "services.embedder"], env, port, workdir)
+    proc = C.spawn("embedder", [sys.executable, "-m", "services.embedder"], env, port, workdir)
     try:
         await C.wait_serving(proc)
         raw = embedder_pb2.EmbedRequest(items=[types_pb2.Content(image=types_pb2.Image(
