@@ -162,7 +162,7 @@ async def main_async(args: argparse.Namespace) -> None:
         embedder = shared.procs["embedder"]
     else:
         emb_port = C.free_port()
-        embedder = C._spawn("embedder", [py, "-m", "services.embedder"], {
+        embedder = C.spawn("embedder", [py, "-m", "services.embedder"], {
             "EMBEDDER_HOST": "127.0.0.1", "EMBEDDER_GRPC_PORT": str(emb_port), "EMBEDDER_METRICS_PORT": "-1",
             "EMBEDDER_LOG_LEVEL": "WARNING"}, emb_port, workdir)
     build_rows: list[list[Any]] = []
@@ -196,7 +196,7 @@ async def main_async(args: argparse.Namespace) -> None:
                 try:
                     if mode == "server":
                         mport = C.free_port()
-                        server = C._spawn("milvus", [C.milvus_lite_bin(), "server", "--data-dir", str(data), "--port",
+                        server = C.spawn("milvus", [C.milvus_lite_bin(), "server", "--data-dir", str(data), "--port",
                                                      str(mport), "--host", "127.0.0.1"], {}, mport, workdir)
                         procs.append(server)
                         await C.wait_port(mport, server)
@@ -204,7 +204,7 @@ async def main_async(args: argparse.Namespace) -> None:
                     else:
                         uri = str(data)
                     port = C.free_port()
-                    search = C._spawn(f"search-{mode}-{size}", [py, "-m", "services.search"], {
+                    search = C.spawn(f"search-{mode}-{size}", [py, "-m", "services.search"], {
                         "SEARCH_HOST": "127.0.0.1", "SEARCH_GRPC_PORT": str(port), "SEARCH_METRICS_PORT": "-1",
                         "SEARCH_LOG_LEVEL": "WARNING", "SEARCH_MILVUS_URI": uri, "SEARCH_COLLECTION": COLLECTION,
                         "SEARCH_EMBEDDER_TARGET": embedder.address, "SEARCH_CAPTIONER_TARGET": f"127.0.0.1:{C.free_port()}",
