@@ -6,7 +6,7 @@ behaviour; `wrap_handler` does that once for all four RPC shapes.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -81,7 +81,13 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
     Unexpected exceptions become INTERNAL with a generic message (details are logged,
     never sent: they may contain paths or upstream secrets).
+
+    `request_decoders` (full method name -> decoder) replace a method's generated
+    `FromString`, e.g. with one that keeps the good items of a partly broken message.
     """
+
+    def __init__(self, request_decoders: Mapping[str, Callable[[bytes], Any]] | None = None) -> None:
+        self._decoders = dict(request_decoders or {})
 
     async def intercept_service(
         self,
@@ -127,7 +133,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
         if handler is None:
             return None
-        return wrap_handler(handler, wrapper, _tolerant(handler.request_deserializer))
+        decoder = self._decoders.get(method, handler.request_deserializer)
+        return wrap_handler(handler, wrapper, _tolerant(decoder))
 
 
 # Probes and tooling must work without a token.

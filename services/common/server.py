@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +49,8 @@ class GrpcApp:
     `register` adds servicers to the server; `on_start` loads models or opens
     connections (health stays NOT_SERVING until it returns); `readiness` is polled every
     `readiness_interval_s` and drives health (e.g. Milvus reachable, model not failed);
-    `on_stop` runs after the server has drained.
+    `on_stop` runs after the server has drained; `request_decoders` (full method name ->
+    decoder) replace generated request parsers (see `ErrorMappingInterceptor`).
     """
 
     name: str
@@ -59,6 +60,7 @@ class GrpcApp:
     on_stop: Callable[[], Awaitable[None]] = _nothing
     readiness: Callable[[], Awaitable[bool]] = _always_ready
     readiness_interval_s: float = 1.0
+    request_decoders: Mapping[str, Callable[[bytes], Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -117,7 +119,7 @@ async def start_server(settings: ServerSettings, app: GrpcApp) -> RunningServer:
     if settings.auth_tokens:
         interceptors.append(BearerTokenInterceptor(settings.auth_tokens))
     gate = StartupGate(app.name)  # UNAVAILABLE until on_start has finished
-    interceptors += [gate, ErrorMappingInterceptor()]
+    interceptors += [gate, ErrorMappingInterceptor(app.request_decoders)]
     options: list[tuple[str, int]] = [
         ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
         ("grpc.max_send_message_length", settings.max_send_message_bytes),

@@ -10,12 +10,15 @@ from services.common.log import get_logger
 from services.common.server import GrpcApp
 from services.search.engine import SearchEngine
 from services.search.ingest import IngestPipeline
+from services.search.ingest_wire import decode_ingest_request
 from services.search.milvus_store import MilvusStore
 from services.search.servicer import SearchServicer
 from services.search.settings import SearchSettings
 from services.search.upstreams import CaptionerClient, EmbedderClient, EmbedderInfo
 
 log = get_logger(__name__)
+
+_INGEST_METHOD = f"/{search_pb2.DESCRIPTOR.services_by_name['Search'].full_name}/Ingest"
 
 
 class SearchService:
@@ -83,4 +86,6 @@ class SearchService:
             on_start=self.start,
             on_stop=self.stop,
             readiness=self.ready,
+            # One item with invalid UTF-8 fails alone instead of ending the Ingest call.
+            request_decoders={_INGEST_METHOD: decode_ingest_request},
         )

@@ -56,6 +56,8 @@ class IngestItem:
     metadata_json: str = ""
     caption: CaptionInput | None = None
     source_uri: str = ""
+    # Set when the item's bytes could not be decoded: it fails with this reason.
+    decode_error: str = ""
 
 
 @dataclass(frozen=True)
@@ -314,6 +316,8 @@ class _Run:
 
     async def prepare(self, item: IngestItem) -> _Work:
         s = self.s
+        if item.decode_error:
+            raise InvalidInput(item.decode_error)
         metadata = parse_metadata(item.metadata_json, s.max_metadata_bytes, s.max_metadata_depth)
         if item.caption is not None and not item.caption.description.strip():
             raise InvalidInput("caption.description is empty")

@@ -14,6 +14,7 @@ from services.common.errors import InvalidInput, ServiceError
 from services.common.intake import ImageRef
 from services.search.engine import Fusion, Hit, SearchEngine, SearchQuery, Target, metadata_json
 from services.search.ingest import CaptionInput, IngestItem, IngestPipeline, ItemStatus, Outcome, Progress
+from services.search.ingest_wire import BrokenItem
 from services.search.milvus_store import MilvusStore
 from services.search.validation import check_id
 
@@ -107,9 +108,13 @@ class SearchServicer(search_pb2_grpc.SearchServicer):
     ) -> AsyncIterator[search_pb2.IngestResponse]:
         async def items() -> AsyncIterator[IngestItem]:
             index = 0
+            # Requests may be `SalvagedIngestRequest`s holding `BrokenItem`s (ingest_wire).
             async for request in request_iterator:
                 for it in request.items:
-                    yield _ingest_item(index, it)
+                    if isinstance(it, BrokenItem):
+                        yield IngestItem(index, ImageRef(), decode_error=it.reason)
+                    else:
+                        yield _ingest_item(index, it)
                     index += 1
 
         async for outcomes, progress in self.pipeline.run(items(), context.time_remaining):

@@ -106,11 +106,16 @@ def raw_unary(channel: grpc.aio.Channel, method: str, raw: bytes) -> Awaitable[A
         raw, timeout=30)
 
 
-async def raw_ingest(channel: grpc.aio.Channel, raw: bytes) -> None:
+async def raw_ingest(channel: grpc.aio.Channel, raw: bytes) -> dict[int, search_pb2.ItemOutcome]:
+    """Sends one already-encoded Ingest chunk; returns the outcomes by stream index."""
     call = channel.stream_stream("/mmsearch.search.v1.Search/Ingest", request_serializer=lambda b: b,
                                  response_deserializer=search_pb2.IngestResponse.FromString)
-    async for _ in call(iter([raw]), timeout=30):
-        pass
+    outcomes: dict[int, search_pb2.ItemOutcome] = {}
+    async for reply in call(iter([raw]), timeout=60):
+        for o in reply.outcomes:
+            assert o.index not in outcomes, f"item {o.index} got two outcomes"
+            outcomes[o.index] = o
+    return outcomes
 
 
 async def status_of(call: Awaitable[Any]) -> tuple[grpc.StatusCode, str, Any]:
@@ -222,9 +227,10 @@ def call_cases() -> list[tuple[str, Call, grpc.StatusCode, str]]:
         ("Delete injected id", s_(lambda s: s.search.Delete(search_pb2.DeleteRequest(ids=["x'] or id not in ['"]))),
          INVALID, "is invalid"),
         # Search.Ingest, call level
-        ("invalid UTF-8 in metadata", s_(lambda s: raw_ingest(s.channels["search"], raw_with_bad_utf8(
-            search_pb2.IngestRequest(items=[search_pb2.IngestItem(image=image, metadata_json=PLACEHOLDER)])))),
-         INVALID, "bad UTF-8"),
+        # (invalid UTF-8 inside one item fails that item alone: see part 3 of the test)
+        ("truncated Ingest message", s_(lambda s: raw_ingest(s.channels["search"], search_pb2.IngestRequest(
+            items=[search_pb2.IngestItem(image=image, metadata_json="{}")]).SerializeToString()[:-3])),
+         INVALID, "could not be decoded"),
         ("100 MB ingest request", s_(lambda s: raw_ingest(s.channels["search"], search_pb2.IngestRequest(
             items=[search_pb2.IngestItem(image=types_pb2.Image(data=hundred_mb))]).SerializeToString())),
          grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max"),
@@ -364,6 +370,25 @@ async def test_hostile_corpus_against_every_public_rpc(suite: Suite) -> None:
         check(f"item {name}", o.error.code, o.error.message, INVALID, phrase)
     assert all(run.outcomes[len(bad) + j].status != search_pb2.ITEM_STATUS_FAILED for j in range(len(good)))
     suite.assert_alive("the bad items")
+
+    # 3b. Invalid UTF-8 inside one item of a chunk (protobuf refuses the whole message):
+    # that item fails with its index, its neighbours in the same chunk are stored.
+    before = (await suite.search.Stats(search_pb2.StatsRequest(), timeout=30)).item_count
+    neighbours = distinct_images(3, seed=44)
+    chunk = search_pb2.IngestRequest(items=[
+        search_pb2.IngestItem(image=types_pb2.Image(data=neighbours[0]), metadata_json='{"n": 0}'),
+        search_pb2.IngestItem(image=types_pb2.Image(data=neighbours[1]), metadata_json=PLACEHOLDER),
+        search_pb2.IngestItem(image=types_pb2.Image(data=neighbours[2]), id="after-the-broken-one"),
+    ])
+    outcomes = await raw_ingest(suite.channels["search"], raw_with_bad_utf8(chunk))
+    assert sorted(outcomes) == [0, 1, 2], "every item of the chunk got exactly one outcome"
+    assert outcomes[0].status == outcomes[2].status == search_pb2.ITEM_STATUS_STORED, outcomes
+    assert outcomes[2].id == "after-the-broken-one"
+    assert outcomes[1].status == search_pb2.ITEM_STATUS_FAILED
+    check("item with invalid UTF-8 in metadata", outcomes[1].error.code, outcomes[1].error.message, INVALID,
+          "must be valid UTF-8")
+    assert (await suite.search.Stats(search_pb2.StatsRequest(), timeout=30)).item_count == before + 2
+    suite.assert_alive("invalid UTF-8 inside an Ingest chunk")
 
     # 4. Offset past the end is not an error: an empty page.
     code, _, reply = await status_of(suite.search.Search(text_query(offset=5000, top_k=10), timeout=30))
