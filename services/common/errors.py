@@ -40,6 +40,16 @@ class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class UpstreamExhausted(Unavailable):
+    """An upstream failed and this service already spent its own retries on it.
+
+    Still UNAVAILABLE (the caller may retry later), but the reply tells gRPC clients'
+    transparent retry policies not to retry at once (server pushback, gRFC A6): retries
+    at two layers would multiply (4 x 4 calls per item) against an upstream that is
+    already failing.
+    """
+
+
 class DeadlineExceeded(ServiceError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 

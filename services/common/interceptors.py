@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 from pydantic import SecretStr
 
-from services.common.errors import InvalidInput, ServiceError
+from services.common.errors import InvalidInput, ServiceError, UpstreamExhausted
 from services.common.log import get_logger
 
 log = get_logger(__name__)
@@ -44,6 +44,14 @@ def wrap_handler(
         request_deserializer=request_deserializer or handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
+
+
+# gRFC A6 server pushback: a negative value tells the client's retry policy not to retry.
+_NO_RETRY = (("grpc-retry-pushback-ms", "-1"),)
+
+
+async def _abort(context: grpc.aio.ServicerContext, e: ServiceError) -> None:
+    await context.abort(e.code, e.message, trailing_metadata=_NO_RETRY if isinstance(e, UpstreamExhausted) else ())
 
 
 class UndecodableRequest:
@@ -107,7 +115,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                         async for item in behaviour(_checked(request) if req_stream else request, context):
                             yield item
                     except ServiceError as e:
-                        await context.abort(e.code, e.message)
+                        await _abort(context, e)
                     except grpc.aio.AbortError:
                         raise  # the servicer already chose a status
                     except Exception:
@@ -122,7 +130,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     return await behaviour(_checked(request) if req_stream else request, context)
                 except ServiceError as e:
-                    await context.abort(e.code, e.message)
+                    await _abort(context, e)
                 except grpc.aio.AbortError:
                     raise  # the servicer already chose a status
                 except Exception:

@@ -10,7 +10,8 @@ import logging
 import grpc
 import pytest
 
-from mmsearch.captioner.v1 import captioner_pb2
+from mmsearch.captioner.v1 import captioner_pb2, captioner_pb2_grpc
+from services.common.channels import create_channel
 from services.common.retries import RetrySettings
 from tests.captioner.conftest import API_KEY, caption_request, metric, remote_settings, serve
 from tests.captioner.fakes import FakeUpstream, Reply
@@ -114,6 +115,20 @@ async def test_500_storm_beyond_the_budget_is_unavailable(upstream: FakeUpstream
         upstream.default = None
         ok = await s.stub.Caption(caption_request(png_bytes()), timeout=10)
         assert ok.caption.description
+
+
+async def test_callers_grpc_retries_do_not_multiply_ours(upstream: FakeUpstream) -> None:
+    """Search calls the captioner over a channel whose retry policy retries UNAVAILABLE
+    4 times. After the captioner spent its own 3 attempts, its reply carries gRPC server
+    pushback, so the upstream sees 3 calls, not 4 x 3."""
+    upstream.default = upstream.error(500, "InternalError", "An internal error has occured, please try again later.")
+    async with serve(remote_settings(upstream)) as s:
+        async with create_channel(s.running.address, retry_attempts=4) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await captioner_pb2_grpc.CaptionerStub(channel).Caption(caption_request(png_bytes()), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert ("grpc-retry-pushback-ms", "-1") in tuple(err.value.trailing_metadata() or ())
+        assert upstream.calls == 3, "the caller's retry policy must not re-run an exhausted upstream call"
 
 
 async def test_retry_time_budget_bounds_a_storm(upstream: FakeUpstream) -> None:

@@ -119,6 +119,8 @@ async def test_a_5xx_storm_beyond_the_retry_budget_is_unavailable(fake: FakeDash
         assert "after 3 attempt(s)" in caught.value.details()
         assert "InternalError" in caught.value.details() and "internal error has occured" in caught.value.details()
         assert len(fake.calls()) == 3  # max_attempts, no more
+        # Server pushback: callers' gRPC retry policies must not multiply our attempts.
+        assert ("grpc-retry-pushback-ms", "-1") in tuple(caught.value.trailing_metadata() or ())
         fake.always = None
         ok = await served.embed(text("hello"))  # the server is fine once upstream recovers
         assert len(ok.embeddings) == 1

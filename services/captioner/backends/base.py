@@ -16,7 +16,7 @@ from typing import Literal
 
 from PIL import Image
 
-from services.common.errors import DeadlineExceeded, InvalidInput, Overloaded, ServiceError, Unavailable
+from services.common.errors import DeadlineExceeded, InvalidInput, Overloaded, ServiceError, UpstreamExhausted
 
 #: Image formats every OpenAI-compatible / DashScope VLM endpoint accepts as a data URI.
 UPLOAD_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
@@ -89,11 +89,14 @@ class UpstreamError(Exception):
             return Overloaded(f"{backend} is rate limiting us{tries}: {what}")
         if self.kind == "timeout":
             return DeadlineExceeded(f"{backend} did not answer in time{tries}: {what}")
+        # UpstreamExhausted: our retries are spent (or cannot help); callers' gRPC retry
+        # policies must not multiply them.
         if self.kind == "auth":
-            return Unavailable(f"{backend} refused the server's credentials or model (check configuration): {what}")
+            return UpstreamExhausted(
+                f"{backend} refused the server's credentials or model (check configuration): {what}")
         if self.kind == "malformed":
-            return Unavailable(f"{backend} returned a malformed response: {what}")
-        return Unavailable(f"{backend} is unavailable{tries}: {what}")
+            return UpstreamExhausted(f"{backend} returned a malformed response: {what}")
+        return UpstreamExhausted(f"{backend} is unavailable{tries}: {what}")
 
 
 def kind_for_status(status: int) -> ErrorKind:

@@ -30,7 +30,7 @@ from dashscope.embeddings.multimodal_embedding import AioMultiModalEmbedding
 from PIL import Image
 from prometheus_client import Counter
 
-from services.common.errors import DeadlineExceeded, InvalidInput, ServiceError, Unavailable
+from services.common.errors import DeadlineExceeded, InvalidInput, ServiceError, Unavailable, UpstreamExhausted
 from services.common.images import DecodedImage
 from services.common.log import get_logger
 from services.common.retries import upstream_retrying
@@ -199,9 +199,10 @@ class DashScopeBackend(RemoteBackend):
         detail = self._scrub(e.message)
         if e.outcome == "client_error" and e.status in (400, 413):
             return InvalidInput(f"DashScope rejected the input: {detail}")
+        # UpstreamExhausted: our retries are spent; callers' gRPC retries must not multiply them.
         if e.outcome == "client_error" and e.status in (401, 403):
-            return Unavailable(f"DashScope refused our credentials: {detail}")
-        return Unavailable(f"DashScope is unavailable after {attempts} attempt(s): {detail}")
+            return UpstreamExhausted(f"DashScope refused our credentials: {detail}")
+        return UpstreamExhausted(f"DashScope is unavailable after {attempts} attempt(s): {detail}")
 
     async def _call_once(self, contents: list[dict[str, str]], deadline: float | None) -> np.ndarray:
         timeout = self.settings.request_timeout_s
