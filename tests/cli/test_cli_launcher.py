@@ -169,6 +169,22 @@ def test_service_specs_wire_ports_milvus_and_backends(tmp_path: Path) -> None:
         SuiteConfig(milvus="external")
 
 
+def test_model_processes_split_the_cores_unless_the_user_chose(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(8)))
+    env = {s.name: s.env for s in LocalSuite(SuiteConfig(data_dir=tmp_path, ports="auto")).specs}
+    assert env["embedder"]["OMP_NUM_THREADS"] == env["captioner"]["OMP_NUM_THREADS"] == "4"
+    assert "OMP_NUM_THREADS" not in env["search"]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0})
+    env = {s.name: s.env for s in LocalSuite(SuiteConfig(data_dir=tmp_path, ports="auto")).specs}
+    assert env["embedder"]["OMP_NUM_THREADS"] == "1"
+    chosen = LocalSuite(SuiteConfig(data_dir=tmp_path, ports="auto", env={"OMP_NUM_THREADS": "3"}))
+    assert {s.env["OMP_NUM_THREADS"] for s in chosen.specs} == {"3"}  # the user's value, everywhere
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    inherited = LocalSuite(SuiteConfig(data_dir=tmp_path, ports="auto"))
+    assert all("OMP_NUM_THREADS" not in s.env for s in inherited.specs)  # children inherit the user's
+
+
 def test_milvus_server_mode_runs_milvus_lite_and_stops_it_cleanly(tmp_path: Path) -> None:
     config = SuiteConfig(data_dir=tmp_path, milvus="server", ports="auto", start_timeout_s=60)
     full = LocalSuite(config)
