@@ -26,7 +26,7 @@ class LiteSettings(BaseModel):
 
 
 class BgeSettings(BaseModel):
-    """Visualized BGE: needs the `visual_bge` package (FlagEmbedding repository) and torchvision.
+    """Visualized BGE: needs `visual_bge` or `FlagEmbedding.visual` (<= 1.2.11), torchvision, timm.
 
     EMBEDDER_MODEL_DIR is the local directory of the BGE text model the weights belong to.
     """

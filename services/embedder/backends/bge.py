@@ -5,14 +5,17 @@ reads EVA-CLIP image tokens, so an image and an instruction are embedded *togeth
 (`encode_mm`) instead of mixing two vectors. Texts alone use `encode_text`, images alone
 `encode_image` (image + empty prompt), all in one space.
 
-Dependency: the model code is the `visual_bge` package from the FlagEmbedding
-repository (research/visual_bge); it is not part of the `FlagEmbedding` wheel on PyPI
-and needs torchvision, timm, einops and ftfy. Weights: the BGE text model directory
+Dependency: the model code is either the `visual_bge` package of the FlagEmbedding
+repository (research/visual_bge, newer) or `FlagEmbedding.visual` as shipped on PyPI by
+FlagEmbedding <= 1.2.11 (what the Milvus tutorial imports; 1.3+ dropped it). Both need
+torchvision and timm (plus einops, ftfy): install them in the GPU image, where a CUDA
+torchvision matches the CUDA torch. Weights: the BGE text model directory
 (EMBEDDER_MODEL_DIR) plus the Visualized BGE weight file (EMBEDDER_BGE__WEIGHTS_FILE).
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +28,21 @@ from services.embedder.backends.torch_device import resolve_device, resolve_dtyp
 from services.embedder.settings import EmbedderSettings
 
 MISSING_PACKAGE = (
-    "the bge backend needs the `visual_bge` package (FlagEmbedding repository, research/visual_bge;"
-    " it is not in the FlagEmbedding wheel on PyPI) and its dependencies torchvision, timm, einops, ftfy"
+    "the bge backend needs Visualized BGE's model code: the `visual_bge` package (FlagEmbedding"
+    " repository, research/visual_bge) or `FlagEmbedding.visual` (pip install 'FlagEmbedding<=1.2.11'),"
+    " with torchvision, timm, einops and ftfy"
 )
+
+
+def _visualized_bge_class() -> Any:
+    """The model class from whichever of its two distributions is installed."""
+    errors = []
+    for module in ("visual_bge.modeling", "FlagEmbedding.visual.modeling"):
+        try:
+            return importlib.import_module(module).Visualized_BGE
+        except Exception as e:  # noqa: BLE001 - ImportError, or torchvision failing to load its ops
+            errors.append(f"{module}: {type(e).__name__}: {e}")
+    raise RuntimeError(f"{MISSING_PACKAGE} ({'; '.join(errors)})")
 
 
 class VisualizedBgeBackend(LocalBackend):
@@ -73,10 +88,7 @@ class VisualizedBgeBackend(LocalBackend):
     def load(self) -> None:
         if self.model is not None:
             return
-        try:
-            from visual_bge.modeling import Visualized_BGE
-        except ImportError as e:
-            raise RuntimeError(f"{MISSING_PACKAGE} ({e})") from e
+        Visualized_BGE = _visualized_bge_class()  # noqa: N806 - the library's class name
         for path in (self.text_model_dir / "config.json", self.weights_file):
             if not path.is_file():
                 raise FileNotFoundError(f"Visualized BGE file not found: {path}")
