@@ -176,7 +176,8 @@ def _lint_run(ins: Instruction, pipefail_shell: bool) -> list[Finding]:
                     continue
                 if w.startswith("-"):
                     continue
-                local = w in (".", "..") or w.startswith(("./", "/", "../")) or w.endswith((".whl", ".tar.gz"))
+                path = w.strip("'\"").split("[", 1)[0]  # a local project with extras: ".[bge]"
+                local = path in (".", "..") or path.startswith(("./", "/", "../")) or path.endswith((".whl", ".tar.gz"))
                 if not local and "==" not in w and "@" not in w:
                     findings.append(Finding(ins.line, "DL3013", f"pip package {w} is not pinned"))
     return findings
