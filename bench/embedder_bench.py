@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 import grpc
 
-from bench.common import Proc, cpu_seconds, free_port, sample_jpegs, spawn, wait_serving
+from bench.common import Proc, cpu_seconds, free_port, sample_jpegs, scrape_metrics, spawn, wait_serving
 from mmsearch.common.v1 import types_pb2
 from mmsearch.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 
@@ -76,6 +76,7 @@ class Rate:
 
     per_s: float
     per_cpu_s: float
+    mean_batch: float | None = None  # mean model batch the service formed (served runs)
 
 
 # --- in-process baseline -------------------------------------------------------------------
@@ -131,22 +132,35 @@ def content(modality: str, payload: Any) -> types_pb2.Content:
     return types_pb2.Content(image=types_pb2.Image(data=payload))
 
 
-def start_service(env: dict[str, str]) -> Proc:
-    port = free_port()
+@dataclass(frozen=True)
+class Service:
+    proc: Proc
+    metrics_port: int
+
+    def batches(self, modality: str) -> tuple[float, float]:
+        """(items, batches) the model has run for a modality so far (embedder_batch_size)."""
+        m = scrape_metrics(self.metrics_port)
+        labels = (("modality", modality),)
+        return m.get(("embedder_batch_size_sum", labels), 0.0), m.get(("embedder_batch_size_count", labels), 0.0)
+
+
+def start_service(env: dict[str, str]) -> Service:
+    port, metrics_port = free_port(), free_port()
     env = {
         **env,
         "EMBEDDER_GRPC_PORT": str(port),
         "EMBEDDER_HOST": "127.0.0.1",
-        "EMBEDDER_METRICS_PORT": "-1",
+        "EMBEDDER_METRICS_PORT": str(metrics_port),
         "EMBEDDER_LOG_LEVEL": "WARNING",
     }
-    return spawn("embedder", [sys.executable, "-m", "services.embedder"], env, port, Path(tempfile.mkdtemp()))
+    proc = spawn("embedder", [sys.executable, "-m", "services.embedder"], env, port, Path(tempfile.mkdtemp()))
+    return Service(proc, metrics_port)
 
 
 async def service_throughput(
-    service: Proc, modality: str, pool: list[Any], batch: int, clients: int, seconds: float
+    service: Service, modality: str, pool: list[Any], batch: int, clients: int, seconds: float
 ) -> Rate:
-    port = service.port
+    port = service.proc.port
     async with grpc.aio.insecure_channel(
         f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 << 20)]
     ) as channel:
@@ -169,10 +183,13 @@ async def service_throughput(
                 done += batch
                 i += clients
 
-        started, cpu = time.perf_counter(), cpu_seconds(service.pid)
+        items0, batches0 = service.batches(modality)
+        started, cpu = time.perf_counter(), cpu_seconds(service.proc.pid)
         await asyncio.gather(*(client(c) for c in range(clients)))
-        elapsed, cpu = time.perf_counter() - started, cpu_seconds(service.pid) - cpu
-        return Rate(done / elapsed, done / max(cpu, 1e-9))
+        elapsed, cpu = time.perf_counter() - started, cpu_seconds(service.proc.pid) - cpu
+        items1, batches1 = service.batches(modality)
+        mean = (items1 - items0) / (batches1 - batches0) if batches1 > batches0 else None
+        return Rate(done / elapsed, done / max(cpu, 1e-9), mean)
 
 
 @dataclass(frozen=True)
@@ -181,18 +198,26 @@ class Latency:
     embed_ms: float  # served p50
     hop_ms: float  # served p50 - in-process p50
     noop_ms: float  # p50 of a no-op RPC (Info): the floor of any gRPC hop
+    engine_ms: float  # in-process EmbeddingEngine.embed p50 - in-process p50 (batcher + model thread)
 
 
-async def latency(service: Proc, raw: Raw, n: int, text: str, block: int = 20) -> Latency:
-    """Short-text latency: blocks of `block` in-process calls, served calls and no-op
-    RPCs, repeated, so slow drifts of the machine's load hit all three alike."""
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+async def latency(service: Service, raw: Raw, n: int, text: str, block: int = 20) -> Latency:
+    """Short-text latency: blocks of `block` in-process calls, in-process engine calls (the
+    service's batcher and model thread, no gRPC), served calls and no-op RPCs, repeated, so
+    slow drifts of the machine's load hit all four alike."""
+    from services.common.convert import TextContent
+    from services.embedder.engine import EmbeddingEngine
+
+    engine = EmbeddingEngine(raw.settings, raw.backend)  # the loaded backend: load() is idempotent
+    await engine.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{service.proc.port}") as channel:
         stub = embedder_pb2_grpc.EmbedderStub(channel)
         request = embedder_pb2.EmbedRequest(items=[types_pb2.Content(text=text)])
         info_request = embedder_pb2.InfoRequest()
         await stub.Embed(request, timeout=10)
         await stub.Info(info_request, timeout=10)
         raw_t: list[float] = []
+        engine_t: list[float] = []
         svc_t: list[float] = []
         noop_t: list[float] = []
         for _ in range(max(1, n // block)):
@@ -202,6 +227,10 @@ async def latency(service: Proc, raw: Raw, n: int, text: str, block: int = 20) -
                 raw_t.append(time.perf_counter() - t)
             for _ in range(block):
                 t = time.perf_counter()
+                await engine.embed([TextContent(text)])
+                engine_t.append(time.perf_counter() - t)
+            for _ in range(block):
+                t = time.perf_counter()
                 await stub.Embed(request, timeout=10)
                 svc_t.append(time.perf_counter() - t)
             for _ in range(block):
@@ -209,10 +238,12 @@ async def latency(service: Proc, raw: Raw, n: int, text: str, block: int = 20) -
                 await stub.Info(info_request, timeout=10)
                 noop_t.append(time.perf_counter() - t)
 
+    await engine.stop()
+
     def med(xs: list[float]) -> float:
         return statistics.median(xs) * 1000
 
-    return Latency(med(raw_t), med(svc_t), med(svc_t) - med(raw_t), med(noop_t))
+    return Latency(med(raw_t), med(svc_t), med(svc_t) - med(raw_t), med(noop_t), med(engine_t) - med(raw_t))
 
 
 # --- main ------------------------------------------------------------------------------------
@@ -276,7 +307,7 @@ def main() -> None:
             f"backend {args.backend}: {raw.backend.info.model_id} dim {raw.backend.info.dimension}"
             f" (in-process load {raw.load_s:.1f} s)"
         )
-        asyncio.run(wait_serving(service, timeout_s=600))
+        asyncio.run(wait_serving(service.proc, timeout_s=600))
         raw_results: dict[str, dict[int, Rate]] = {}
         svc: dict[str, dict[str, Rate]] = {}
         # Per modality, the in-process and the served measurements run back to back (the
@@ -292,10 +323,14 @@ def main() -> None:
             }
         lat = asyncio.run(latency(service, raw, args.latency_n, short_text))
     finally:
-        service.stop()
+        service.proc.stop()
 
-    header = ("modality", "measurement", "items/s", "items/CPU-s", "ratio (wall clock)", "ratio (CPU)")
+    header = ("modality", "measurement", "items/s", "items/CPU-s", "mean model batch", "ratio (wall clock)",
+              "ratio (CPU)")
     rows: list[tuple[str, ...]] = []
+
+    def batch_of(rate: Rate) -> str:
+        return "" if rate.mean_batch is None else f"{rate.mean_batch:.1f}"
 
     def ratio(a: Rate, b: Rate, what: str) -> tuple[str, str]:
         return f"{a.per_s / b.per_s:.2f}x {what}", f"{a.per_cpu_s / b.per_cpu_s:.2f}x"
@@ -306,13 +341,14 @@ def main() -> None:
         eq = r.get(args.batch) or r[max(r)]
         for b in sorted(r):
             label = f"in-process, batch {b}" + (" (serial)" if b == 1 else "")
-            rows.append((m, label, f"{r[b].per_s:.1f}", f"{r[b].per_cpu_s:.1f}", "", ""))
+            rows.append((m, label, f"{r[b].per_s:.1f}", f"{r[b].per_cpu_s:.1f}", str(b), "", ""))
         rows.append(
             (
                 m,
                 f"service, 1 client x batch {args.batch}",
                 f"{s['equal'].per_s:.1f}",
                 f"{s['equal'].per_cpu_s:.1f}",
+                batch_of(s["equal"]),
                 *ratio(s["equal"], eq, f"in-process batch {args.batch} (goal >= 0.9)"),
             )
         )
@@ -322,6 +358,7 @@ def main() -> None:
                 "service, 1 client x batch 1 (serial)",
                 f"{s['serial1'].per_s:.1f}",
                 f"{s['serial1'].per_cpu_s:.1f}",
+                batch_of(s["serial1"]),
                 *ratio(s["serial1"], r[1], "in-process batch 1"),
             )
         )
@@ -332,10 +369,11 @@ def main() -> None:
                 f"service, {args.clients} clients x batch 1",
                 f"{conc.per_s:.1f}",
                 f"{conc.per_cpu_s:.1f}",
+                batch_of(conc),
                 *ratio(conc, r[best], f"best in-process (batch {best}; goal >= 0.85)"),
             )
         )
-        rows.append((m, "", "", "", *ratio(conc, s["serial1"], "served serial (goal >= 2)")))
+        rows.append((m, "", "", "", "", *ratio(conc, s["serial1"], "served serial (goal >= 2)")))
     width = [max(len(row[i]) for row in [*rows, header]) for i in range(len(header))]
 
     def line(row: tuple[str, ...]) -> str:
@@ -351,6 +389,11 @@ def main() -> None:
         f"short text {short_text!r}, p50 of {args.latency_n}: in-process {lat.raw_ms:.2f} ms, gRPC Embed"
         f" {lat.embed_ms:.2f} ms -> hop overhead {lat.hop_ms:.2f} ms (goal <= 1 ms);"
         f" no-op gRPC Info {lat.noop_ms:.2f} ms"
+    )
+    rest = lat.hop_ms - lat.noop_ms - lat.engine_ms
+    print(
+        f"hop split: gRPC round trip (no-op RPC) {lat.noop_ms:.2f} ms + engine in-process (batcher, model-thread"
+        f" hand-off) {lat.engine_ms:.2f} ms + the rest (protobuf <-> numpy, interceptors, noise) {rest:.2f} ms"
     )
     print(
         f"total bench time {time.perf_counter() - started_all:.0f} s, load average at end {os.getloadavg()[0]:.1f}"

@@ -8,6 +8,13 @@ cap), merged across calls. While the
 model is idle a partial batch waits at most `max_queue_delay_s` for company; while it is
 busy, arrivals pile up and the next batch is simply larger.
 
+Regathering: with closed-loop callers (each sends its next request when the last one is
+answered, as the search service does) batches would split in two halves for good: when a
+batch ends, only the callers that were *not* in it are queued, and they start at once
+while the ones just answered are still on their way back. So after a batch of several
+callers, a partial next batch waits up to `regather_s` (counted from that batch's end)
+for them. A lone caller never waits: its batch had one caller.
+
 Bounds: callers first `admit` their items. Admission counts items from the moment they
 are accepted (decoding and preprocessing included) until they enter a model batch, and
 refuses at once with `Overloaded` beyond `max_queue_items`, so memory and latency stay
@@ -125,6 +132,7 @@ class DynamicBatcher:
         max_queue_items: int,
         max_in_flight: int = 1,
         batch_size_by_modality: dict[str, int] | None = None,
+        regather_s: float = 0.0,
     ) -> None:
         self._forward = forward
         self.max_batch_size = max_batch_size
@@ -133,6 +141,9 @@ class DynamicBatcher:
             m: max(1, min(n, max_batch_size)) for m, n in (batch_size_by_modality or {}).items()
         }
         self.max_queue_delay_s = max_queue_delay_s
+        self.regather_s = regather_s
+        # When the last batch of each modality ended, and how many calls it answered.
+        self._last_end: dict[str, tuple[float, int]] = {}
         self.max_queue_items = max_queue_items
         self._slots = asyncio.Semaphore(max_in_flight)
         self._queues: dict[str, deque[_Pending]] = {}
@@ -282,6 +293,9 @@ class DynamicBatcher:
                 await self._changed.wait()
                 continue
             wait = self._queues[modality][0].enqueued_at + self.max_queue_delay_s - now
+            ended_at, callers = self._last_end.get(modality, (0.0, 0))
+            if callers > 1:
+                wait = max(wait, ended_at + self.regather_s - now)
             if self._queued_items[modality] < self.batch_size(modality) and wait > 0:
                 self._changed.clear()
                 try:
@@ -331,6 +345,7 @@ class DynamicBatcher:
                 return
             finally:
                 INFERENCE_SECONDS.labels(modality).observe(time.perf_counter() - started)
+            self._last_end[modality] = (time.monotonic(), len(slices))
             offset = 0
             for s in slices:
                 pending, n = s.pending, s.stop - s.start

@@ -107,6 +107,7 @@ class EmbeddingEngine:
             self._forward,
             max_batch_size=self.settings.max_model_batch_size,
             max_queue_delay_s=self.settings.max_queue_delay_s,
+            regather_s=self.settings.batch_regather_ms / 1000.0,
             max_queue_items=self.settings.max_queue_items,
             max_in_flight=in_flight,
             batch_size_by_modality={

@@ -207,6 +207,53 @@ async def test_idle_model_waits_at_most_the_queue_delay() -> None:
     assert 0.04 <= elapsed < 0.5
 
 
+async def closed_loop(b: DynamicBatcher, callers: int, calls_each: int, think_s: float) -> None:
+    """Callers that each send their next 1-item call a little after the last answer (caller
+    c after think_s * (1 + c): over a network the answers and next calls spread out too)."""
+
+    async def caller(c: int) -> None:
+        for i in range(calls_each):
+            await call(b, "text", [c * 1000 + i])
+            await asyncio.sleep(think_s * (1 + c))
+
+    await asyncio.gather(*(caller(c) for c in range(callers)))
+
+
+def mean_batch(model: Model, skip: int = 2) -> float:
+    sizes = [len(items) for _m, items in model.batches[skip:]]
+    return sum(sizes) / len(sizes)
+
+
+async def test_regathering_keeps_closed_loop_callers_in_one_batch() -> None:
+    # 8 callers, a 30 ms model, 1-8 ms from an answer to the next call: without regathering
+    # the callers answered last are still on their way back when the others start, so
+    # batches split into two halves for good; waiting for them keeps batches full.
+    split, whole = Model(delay_s=0.03), Model(delay_s=0.03)
+    for model, regather_s in ((split, 0.0), (whole, 0.05)):
+        b = batcher(model, max_queue_delay_s=0.0, regather_s=regather_s)
+        try:
+            await closed_loop(b, callers=8, calls_each=12, think_s=0.001)
+        finally:
+            await b.stop()
+    assert mean_batch(split) <= 6, [len(items) for _m, items in split.batches]
+    assert mean_batch(whole) >= 7, [len(items) for _m, items in whole.batches]
+    assert sorted(whole.seen()) == sorted(c * 1000 + i for c in range(8) for i in range(12))
+
+
+async def test_a_lone_caller_never_waits_for_regathering() -> None:
+    model = Model(delay_s=0.005)
+    b = batcher(model, max_queue_delay_s=0.0, regather_s=5.0)
+    try:
+        started = time.perf_counter()
+        for i in range(10):
+            await call(b, "text", [i])
+        elapsed = time.perf_counter() - started
+    finally:
+        await b.stop()
+    assert elapsed < 2.0, "a batch of one caller must not open a regather window"
+    assert all(len(items) == 1 for _m, items in model.batches)
+
+
 # --- through the real gRPC service (tiny CLIP; the model thread is held busy on purpose) ---
 
 
