@@ -88,7 +88,7 @@ class VisualizedBgeBackend(LocalBackend):
     def load(self) -> None:
         if self.model is not None:
             return
-        Visualized_BGE = _visualized_bge_class()  # noqa: N806 - the library's class name
+        visualized_bge = _visualized_bge_class()
         for path in (self.text_model_dir / "config.json", self.weights_file):
             if not path.is_file():
                 raise FileNotFoundError(f"Visualized BGE file not found: {path}")
@@ -97,7 +97,7 @@ class VisualizedBgeBackend(LocalBackend):
         self.dtype = resolve_dtype(self._dtype_setting, self.device)
         # `model_name_bge` only selects the architecture (vision tower, width); config,
         # tokenizer and weights all come from local files.
-        model = Visualized_BGE(
+        model = visualized_bge(
             model_name_bge=f"BAAI/{self.model_name}",
             model_weight=str(self.weights_file),
             from_pretrained=str(self.text_model_dir),
