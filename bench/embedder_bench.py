@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import platform
 import statistics
@@ -199,6 +200,33 @@ class Latency:
     hop_ms: float  # served p50 - in-process p50
     noop_ms: float  # p50 of a no-op RPC (Info): the floor of any gRPC hop
     engine_ms: float  # in-process EmbeddingEngine.embed p50 - in-process p50 (batcher + model thread)
+    floor_ms: float = 0.0  # bare grpc.aio call that waits raw_ms server-side: p50 - raw_ms
+
+
+async def bare_wait_hop(wait_ms: float, n: int) -> float:
+    """p50 overhead of a bare grpc.aio server (bench/wait_server.py, its own process) whose
+    handler waits `wait_ms`: the hop floor for a call as long as the model's forward."""
+    port = free_port()
+    proc = spawn("wait-server", [sys.executable, str(Path(__file__).with_name("wait_server.py")), str(port)], {},
+                 port, Path(tempfile.mkdtemp()))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary("/bench.Wait/Wait")
+            request = f"{wait_ms:.3f}".encode()
+            for _ in range(300):  # until it listens
+                try:
+                    await call(request, timeout=2)
+                    break
+                except grpc.aio.AioRpcError:
+                    await asyncio.sleep(0.1)
+            times = []
+            for _ in range(n):
+                t = time.perf_counter()
+                await call(request, timeout=10)
+                times.append(time.perf_counter() - t)
+        return statistics.median(times) * 1000 - wait_ms
+    finally:
+        proc.stop()
 
 
 async def latency(service: Service, raw: Raw, n: int, text: str, block: int = 20) -> Latency:
@@ -322,6 +350,7 @@ def main() -> None:
                 "conc1": asyncio.run(service_throughput(service, m, pools[m], 1, args.clients, args.seconds)),
             }
         lat = asyncio.run(latency(service, raw, args.latency_n, short_text))
+        lat = dataclasses.replace(lat, floor_ms=asyncio.run(bare_wait_hop(lat.raw_ms, args.latency_n)))
     finally:
         service.proc.stop()
 
@@ -390,10 +419,12 @@ def main() -> None:
         f" {lat.embed_ms:.2f} ms -> hop overhead {lat.hop_ms:.2f} ms (goal <= 1 ms);"
         f" no-op gRPC Info {lat.noop_ms:.2f} ms"
     )
-    rest = lat.hop_ms - lat.noop_ms - lat.engine_ms
+    rest = lat.hop_ms - lat.floor_ms - lat.engine_ms
     print(
-        f"hop split: gRPC round trip (no-op RPC) {lat.noop_ms:.2f} ms + engine in-process (batcher, model-thread"
-        f" hand-off) {lat.engine_ms:.2f} ms + the rest (protobuf <-> numpy, interceptors, noise) {rest:.2f} ms"
+        f"hop split: a bare grpc.aio call that waits {lat.raw_ms:.1f} ms server-side costs {lat.floor_ms:.2f} ms"
+        f" more (the floor for any call this long; a no-op one: {lat.noop_ms:.2f} ms) + engine in-process (batcher,"
+        f" model-thread hand-off) {lat.engine_ms:.2f} ms + the rest (interceptors, protobuf <-> numpy, noise)"
+        f" {rest:.2f} ms"
     )
     print(
         f"total bench time {time.perf_counter() - started_all:.0f} s, load average at end {os.getloadavg()[0]:.1f}"
