@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 from prometheus_client import Counter, Histogram, start_http_server
 
-from services.common.interceptors import wrap_handler
+from services.common.interceptors import HandlerCache, wrap_handler
 
 _LABELS = ("grpc_type", "grpc_service", "grpc_method")
 
@@ -61,6 +61,9 @@ def _code_name(context: grpc.aio.ServicerContext, error: BaseException | None) -
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
     """Records the standard gRPC server metrics for every call, including failures."""
+
+    def __init__(self) -> None:
+        self._cache = HandlerCache()
 
     async def intercept_service(
         self,
@@ -122,7 +125,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
             return unary
 
-        return wrap_handler(handler, wrapper)
+        return self._cache.wrap(handler_call_details.method, handler, lambda h: wrap_handler(h, wrapper))
 
 
 def start_metrics_server(port: int, host: str = "0.0.0.0") -> tuple[Any, int]:

@@ -102,7 +102,7 @@ async def _watch_readiness(running: RunningServer) -> None:
     while True:
         try:
             ready = await asyncio.wait_for(app.readiness(), timeout=max(app.readiness_interval_s, 1.0) * 5)
-        except Exception as e:  # a failing probe means not ready, never a dead loop
+        except Exception as e:  # noqa: BLE001 - a failing probe means not ready, never a dead loop
             log.warning("readiness probe failed", app=app.name, error=str(e))
             ready = False
         if ready != last:

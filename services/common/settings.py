@@ -7,7 +7,6 @@ CAPTIONER_, SEARCH_), so one container image runs anywhere by environment alone
 from __future__ import annotations
 
 from pathlib import Path
-
 from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
