@@ -21,12 +21,20 @@ MiB = 1024 * 1024
 PathOrBytes = Union[str, "os.PathLike[str]", bytes]
 
 
-def retry_service_config(max_attempts: int = 4, initial_backoff_s: float = 0.1, max_backoff_s: float = 2.0) -> str:
+def retry_service_config(
+    max_attempts: int = 4, initial_backoff_s: float = 0.1, max_backoff_s: float = 2.0, *, round_robin: bool = False
+) -> str:
     """gRPC service config: retry every method of the channel on UNAVAILABLE.
 
-    gRPC caps maxAttempts at 5; `max_attempts` <= 1 disables retries.
+    gRPC caps maxAttempts at 5; `max_attempts` <= 1 disables retries (gRPC rejects a policy
+    with fewer than 2 attempts and would then fail every call on the channel).
+    `round_robin` spreads calls over every address the target resolves to (a headless
+    Kubernetes Service), so replicas added by an autoscaler get traffic; gRPC's default,
+    pick_first, would keep one connection.
     """
     config: dict[str, Any] = {"methodConfig": [{"name": [{}]}]}
+    if round_robin:
+        config["loadBalancingConfig"] = [{"round_robin": {}}]
     if max_attempts > 1:
         config["methodConfig"][0]["retryPolicy"] = {
             "maxAttempts": min(max_attempts, 5),

@@ -57,6 +57,9 @@ def test_service_config_is_a_retry_policy_on_unavailable() -> None:
     assert policy["maxAttempts"] == 4
     assert json.loads(retry_service_config(9))["methodConfig"][0]["retryPolicy"]["maxAttempts"] == 5
     assert "retryPolicy" not in json.loads(retry_service_config(1))["methodConfig"][0]
+    assert "loadBalancingConfig" not in config
+    # The services' own channels (search -> embedder / captioner) add round-robin.
+    assert json.loads(retry_service_config(4, round_robin=True))["loadBalancingConfig"] == [{"round_robin": {}}]
 
 
 def test_image_inputs(tmp_path: Path) -> None:
