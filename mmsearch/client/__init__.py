@@ -10,9 +10,10 @@
 Depends only on the generated contracts (`mmsearch.*.v1`), grpcio and
 grpcio-health-checking; never on the services. See docs/client.md.
 """
+from mmsearch.client._base import DEFAULT_ADDRESS, SEARCH_SERVICE
 from mmsearch.client._channel import ConnectionConfig, retry_service_config
 from mmsearch.client.aio import AsyncSearchClient
-from mmsearch.client.sync import DEFAULT_ADDRESS, SEARCH_SERVICE, SearchClient, check_health
+from mmsearch.client.sync import SearchClient, check_health
 from mmsearch.client.types import (
     Fusion,
     FusionMethod,

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2
 
 from mmsearch.client.types import (
     Fusion,
@@ -24,6 +25,7 @@ from mmsearch.client.types import (
     IngestUpdate,
     ItemStatus,
     Record,
+    SearchError,
     SearchResult,
     SearchTimings,
     Stats,
@@ -153,6 +155,27 @@ def build_search_request(
     return request
 
 
+def rpc_error(e: grpc.RpcError, method: str) -> SearchError:
+    """The client's error for a failed call (raise it `from e`)."""
+    return SearchError(e.code(), e.details() or "", method)  # type: ignore[attr-defined]
+
+
+def id_list(ids: Sequence[str] | str) -> list[str]:
+    return [ids] if isinstance(ids, str) else list(ids)
+
+
+def health_status_name(response: health_pb2.HealthCheckResponse) -> str:
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+def health_error_status(e: grpc.RpcError) -> str:
+    """A failed health check: "SERVICE_UNKNOWN" for a name the server does not know,
+    otherwise the call's error is raised."""
+    if e.code() is grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+        return "SERVICE_UNKNOWN"
+    raise rpc_error(e, "Health.Check") from e
+
+
 def _metadata(raw: str) -> dict[str, Any]:
     if not raw:
         return {}
@@ -169,19 +192,22 @@ def _timestamp(msg: Any, has: bool) -> datetime | None:
     return msg.ToDatetime(tzinfo=UTC)
 
 
+def _stored_fields(msg: search_pb2.Hit | search_pb2.Record) -> dict[str, Any]:
+    """The fields a hit and a record share: what is stored for an item."""
+    return {
+        "id": msg.id,
+        "uri": msg.uri,
+        "caption": msg.caption,
+        "keywords": tuple(msg.keywords),
+        "metadata": _metadata(msg.metadata_json),
+        "embedder_model_id": msg.embedder_model_id,
+        "captioner_model_id": msg.captioner_model_id,
+        "ingested_at": _timestamp(msg.ingested_at, msg.HasField("ingested_at")),
+    }
+
+
 def hit_from_proto(msg: search_pb2.Hit) -> Hit:
-    return Hit(
-        rank=msg.rank,
-        id=msg.id,
-        score=msg.score,
-        uri=msg.uri,
-        caption=msg.caption,
-        keywords=tuple(msg.keywords),
-        metadata=_metadata(msg.metadata_json),
-        embedder_model_id=msg.embedder_model_id,
-        captioner_model_id=msg.captioner_model_id,
-        ingested_at=_timestamp(msg.ingested_at, msg.HasField("ingested_at")),
-    )
+    return Hit(rank=msg.rank, score=msg.score, **_stored_fields(msg))
 
 
 def search_result_from_proto(msg: search_pb2.SearchResponse) -> SearchResult:
@@ -193,17 +219,7 @@ def search_result_from_proto(msg: search_pb2.SearchResponse) -> SearchResult:
 
 
 def record_from_proto(msg: search_pb2.Record) -> Record:
-    return Record(
-        id=msg.id,
-        uri=msg.uri,
-        caption=msg.caption,
-        keywords=tuple(msg.keywords),
-        metadata=_metadata(msg.metadata_json),
-        embedder_model_id=msg.embedder_model_id,
-        captioner_model_id=msg.captioner_model_id,
-        ingested_at=_timestamp(msg.ingested_at, msg.HasField("ingested_at")),
-        content_sha256=msg.content_sha256,
-    )
+    return Record(content_sha256=msg.content_sha256, **_stored_fields(msg))
 
 
 def get_result_from_proto(msg: search_pb2.GetResponse) -> GetResult:

@@ -7,11 +7,11 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, I
 from typing import Any, Self, TypeVar
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from mmsearch.client import _convert
-from mmsearch.client._channel import ConnectionConfig, MiB, PathOrBytes
-from mmsearch.client.sync import DEFAULT, DEFAULT_ADDRESS
+from mmsearch.client._base import DEFAULT, ClientBase
+from mmsearch.client._channel import ConnectionConfig, MiB
 from mmsearch.client.types import (
     Fusion,
     FusionMethod,
@@ -25,12 +25,12 @@ from mmsearch.client.types import (
     Stats,
     Target,
 )
-from mmsearch.search.v1 import search_pb2, search_pb2_grpc
+from mmsearch.search.v1 import search_pb2
 
 T = TypeVar("T")
 
 
-class AsyncSearchClient:
+class AsyncSearchClient(ClientBase):
     """A grpc.aio client for the Search service, for asyncio backends.
 
     Same options and semantics as `SearchClient` (deadlines, retries on UNAVAILABLE,
@@ -40,51 +40,18 @@ class AsyncSearchClient:
             result = await client.search(text="a cup of coffee", target="hybrid")
     """
 
-    def __init__(
-        self,
-        address: str = DEFAULT_ADDRESS,
-        *,
-        timeout: float | None = 30.0,
-        token: str | None = None,
-        tls: bool = False,
-        root_cert: PathOrBytes | None = None,
-        client_cert: PathOrBytes | None = None,
-        client_key: PathOrBytes | None = None,
-        server_name: str | None = None,
-        retry_attempts: int = 4,
-        max_message_bytes: int = 64 * MiB,
-        options: Sequence[tuple[str, Any]] = (),
-    ) -> None:
-        self.config = ConnectionConfig(
-            address=address,
-            token=token,
-            tls=tls,
-            root_cert=root_cert,
-            client_cert=client_cert,
-            client_key=client_key,
-            server_name=server_name,
-            retry_attempts=retry_attempts,
-            max_message_bytes=max_message_bytes,
-            extra_options=tuple(options),
-        )
-        self.timeout = timeout
-        self._channel = self.config.aio_channel()
-        self._stub = search_pb2_grpc.SearchStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
-
-    @property
-    def address(self) -> str:
-        return self.config.address
+    def _open(self, config: ConnectionConfig) -> grpc.aio.Channel:
+        return config.aio_channel()
 
     async def _call(self, method: str, fn: Callable[..., Awaitable[T]], request: Any, timeout: float | None) -> T:
         try:
             return await fn(
                 request,
-                timeout=self.timeout if timeout is DEFAULT else timeout,
+                timeout=self._timeout(timeout),
                 metadata=self.config.call_metadata(),
             )
         except grpc.RpcError as e:
-            raise SearchError(e.code(), e.details() or "", method) from e  # type: ignore[attr-defined]
+            raise _convert.rpc_error(e, method) from e
 
     async def search(
         self,
@@ -162,7 +129,7 @@ class AsyncSearchClient:
             async for response in call:
                 yield tracker.on_response(response)
         except grpc.RpcError as e:
-            raise SearchError(e.code(), e.details() or "", "Ingest") from e  # type: ignore[attr-defined]
+            raise _convert.rpc_error(e, "Ingest") from e
         finally:
             call.cancel()
         last = tracker.flush()
@@ -178,21 +145,19 @@ class AsyncSearchClient:
     ) -> IngestSummary:
         summary = IngestSummary()
         async for update in self.ingest(items, **kwargs):
-            summary.outcomes.extend(update.outcomes)
-            summary.progress = update.progress
+            summary.add(update)
             if on_update is not None:
                 on_update(update)
         summary.outcomes.sort(key=lambda o: o.index)
         return summary
 
     async def get(self, ids: Sequence[str] | str, *, timeout: float | None = DEFAULT) -> GetResult:
-        ids = [ids] if isinstance(ids, str) else list(ids)
-        response = await self._call("Get", self._stub.Get, search_pb2.GetRequest(ids=ids), timeout)
+        response = await self._call("Get", self._stub.Get, search_pb2.GetRequest(ids=_convert.id_list(ids)), timeout)
         return _convert.get_result_from_proto(response)
 
     async def delete(self, ids: Sequence[str] | str, *, timeout: float | None = DEFAULT) -> int:
-        ids = [ids] if isinstance(ids, str) else list(ids)
-        response = await self._call("Delete", self._stub.Delete, search_pb2.DeleteRequest(ids=ids), timeout)
+        response = await self._call(
+            "Delete", self._stub.Delete, search_pb2.DeleteRequest(ids=_convert.id_list(ids)), timeout)
         return int(response.deleted_count)
 
     async def stats(self, *, timeout: float | None = DEFAULT) -> Stats:
@@ -205,10 +170,8 @@ class AsyncSearchClient:
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout, metadata=self.config.call_metadata()
             )
         except grpc.RpcError as e:
-            if e.code() is grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
-                return "SERVICE_UNKNOWN"
-            raise SearchError(e.code(), e.details() or "", "Health.Check") from e  # type: ignore[attr-defined]
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+            return _convert.health_error_status(e)
+        return _convert.health_status_name(response)
 
     async def wait_until_ready(self, timeout: float = 60.0, service: str = "") -> None:
         deadline = time.monotonic() + timeout

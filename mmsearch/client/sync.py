@@ -9,7 +9,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mmsearch.client import _convert
-from mmsearch.client._channel import ConnectionConfig, MiB, PathOrBytes
+from mmsearch.client._base import DEFAULT, ClientBase
+from mmsearch.client._channel import ConnectionConfig, MiB
 from mmsearch.client.types import (
     Fusion,
     FusionMethod,
@@ -23,26 +24,11 @@ from mmsearch.client.types import (
     Stats,
     Target,
 )
-from mmsearch.search.v1 import search_pb2, search_pb2_grpc
+from mmsearch.search.v1 import search_pb2
 
 T = TypeVar("T")
 
-DEFAULT_ADDRESS = "127.0.0.1:50050"
-#: The search service's health name (the server also answers for "", the whole server).
-SEARCH_SERVICE = "mmsearch.search.v1.Search"
-
-
-class _Default:
-    """Sentinel: "use the client's default timeout" (None means no deadline)."""
-
-    def __repr__(self) -> str:
-        return "<client default>"
-
-
-DEFAULT: Any = _Default()
-
-
-class SearchClient:
+class SearchClient(ClientBase):
     """A blocking client for the mmsearch Search service.
 
     One client holds one long-lived channel: create it once and share it (it is thread
@@ -59,68 +45,16 @@ class SearchClient:
                 print(hit.rank, hit.score, hit.id, hit.caption)
     """
 
-    def __init__(
-        self,
-        address: str = DEFAULT_ADDRESS,
-        *,
-        timeout: float | None = 30.0,
-        token: str | None = None,
-        tls: bool = False,
-        root_cert: PathOrBytes | None = None,
-        client_cert: PathOrBytes | None = None,
-        client_key: PathOrBytes | None = None,
-        server_name: str | None = None,
-        retry_attempts: int = 4,
-        max_message_bytes: int = 64 * MiB,
-        options: Sequence[tuple[str, Any]] = (),
-    ) -> None:
-        self.config = ConnectionConfig(
-            address=address,
-            token=token,
-            tls=tls,
-            root_cert=root_cert,
-            client_cert=client_cert,
-            client_key=client_key,
-            server_name=server_name,
-            retry_attempts=retry_attempts,
-            max_message_bytes=max_message_bytes,
-            extra_options=tuple(options),
-        )
-        self.timeout = timeout
-        self._channel = self.config.sync_channel()
-        self._stub = search_pb2_grpc.SearchStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
-
-    @classmethod
-    def from_config(cls, config: ConnectionConfig, timeout: float | None = 30.0) -> SearchClient:
-        return cls(
-            config.address,
-            timeout=timeout,
-            token=config.token,
-            tls=config.tls,
-            root_cert=config.root_cert,
-            client_cert=config.client_cert,
-            client_key=config.client_key,
-            server_name=config.server_name,
-            retry_attempts=config.retry_attempts,
-            max_message_bytes=config.max_message_bytes,
-            options=config.extra_options,
-        )
-
-    @property
-    def address(self) -> str:
-        return self.config.address
+    def _open(self, config: ConnectionConfig) -> grpc.Channel:
+        return config.sync_channel()
 
     # -- plumbing
-
-    def _timeout(self, timeout: float | None | object) -> float | None:
-        return self.timeout if timeout is DEFAULT else timeout  # type: ignore[return-value]
 
     def _call(self, method: str, fn: Callable[..., T], request: Any, timeout: float | None | object) -> T:
         try:
             return fn(request, timeout=self._timeout(timeout), metadata=self.config.call_metadata())
         except grpc.RpcError as e:
-            raise SearchError(e.code(), e.details() or "", method) from e  # type: ignore[attr-defined]
+            raise _convert.rpc_error(e, method) from e
 
     # -- search
 
@@ -198,7 +132,7 @@ class SearchClient:
             for response in call:
                 yield tracker.on_response(response)
         except grpc.RpcError as e:
-            raise SearchError(e.code(), e.details() or "", "Ingest") from e  # type: ignore[attr-defined]
+            raise _convert.rpc_error(e, "Ingest") from e
         finally:
             call.cancel()  # no-op when finished; stops the server's work when the caller broke off
         last = tracker.flush()
@@ -215,8 +149,7 @@ class SearchClient:
         """Like `ingest`, collected: every outcome (sorted by index) and the final totals."""
         summary = IngestSummary()
         for update in self.ingest(items, **kwargs):
-            summary.outcomes.extend(update.outcomes)
-            summary.progress = update.progress
+            summary.add(update)
             if on_update is not None:
                 on_update(update)
         summary.outcomes.sort(key=lambda o: o.index)
@@ -225,14 +158,13 @@ class SearchClient:
     # -- records
 
     def get(self, ids: Sequence[str] | str, *, timeout: float | None = DEFAULT) -> GetResult:
-        ids = [ids] if isinstance(ids, str) else list(ids)
-        response = self._call("Get", self._stub.Get, search_pb2.GetRequest(ids=ids), timeout)
+        response = self._call("Get", self._stub.Get, search_pb2.GetRequest(ids=_convert.id_list(ids)), timeout)
         return _convert.get_result_from_proto(response)
 
     def delete(self, ids: Sequence[str] | str, *, timeout: float | None = DEFAULT) -> int:
         """Deletes by id; returns how many were stored (unknown ids are ignored)."""
-        ids = [ids] if isinstance(ids, str) else list(ids)
-        response = self._call("Delete", self._stub.Delete, search_pb2.DeleteRequest(ids=ids), timeout)
+        response = self._call(
+            "Delete", self._stub.Delete, search_pb2.DeleteRequest(ids=_convert.id_list(ids)), timeout)
         return int(response.deleted_count)
 
     def stats(self, *, timeout: float | None = DEFAULT) -> Stats:
@@ -284,10 +216,8 @@ def check_health_on(
     try:
         response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout, metadata=metadata)
     except grpc.RpcError as e:
-        if e.code() is grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
-            return "SERVICE_UNKNOWN"
-        raise SearchError(e.code(), e.details() or "", "Health.Check") from e  # type: ignore[attr-defined]
-    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        return _convert.health_error_status(e)
+    return _convert.health_status_name(response)
 
 
 def check_health(config: ConnectionConfig, service: str = "", timeout: float | None = 5.0) -> str:

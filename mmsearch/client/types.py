@@ -199,6 +199,11 @@ class IngestSummary:
     def ok(self) -> bool:
         return not self.failures
 
+    def add(self, update: IngestUpdate) -> None:
+        """Takes in one update of an ingest call (outcomes in arrival order)."""
+        self.outcomes.extend(update.outcomes)
+        self.progress = update.progress
+
 
 @dataclass(frozen=True)
 class Stats:
