@@ -10,10 +10,11 @@ read the environment (MMSEARCH_ADDRESS, MMSEARCH_TOKEN, ...):
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 from rich.markup import escape
@@ -38,6 +39,8 @@ from mmsearch.client import (
     check_health,
 )
 from mmsearch.suite import LocalSuite, SuiteConfig, SuiteError, install_interrupt_handlers, wait_forever
+
+T = TypeVar("T")
 
 app = typer.Typer(
     name="mmsearch",
@@ -88,6 +91,14 @@ class Connection:
 
     def client(self, address: str | None = None) -> SearchClient:
         return SearchClient.from_config(self.config(address), timeout=self.timeout)
+
+    def call(self, fn: Callable[[SearchClient], T]) -> T:
+        """Runs `fn` with a client; a failed call becomes the CLI's error message and exit 1."""
+        with self.client() as client:
+            try:
+                return fn(client)
+            except SearchError as e:
+                raise _call_error(e, self.address) from None
 
 
 def _conn(ctx: typer.Context) -> Connection:
@@ -252,11 +263,7 @@ def ingest(
         items = discover(path)
     except DiscoveryError as e:
         raise _fail(str(e)) from None
-    with conn.client() as client:
-        try:
-            summary = run_ingest(client, items, chunk_size, show_progress=not as_json)
-        except SearchError as e:
-            raise _call_error(e, conn.address) from None
+    summary = conn.call(lambda client: run_ingest(client, items, chunk_size, show_progress=not as_json))
     if as_json:
         output.print_json(
             {
@@ -341,11 +348,7 @@ def search(
         offset=offset,
         filter=filter,
     )
-    with conn.client() as client:
-        try:
-            result = query.run(client)
-        except SearchError as e:
-            raise _call_error(e, conn.address) from None
+    result = conn.call(query.run)
     if as_json:
         output.print_json({"query": output.to_jsonable(query) | {"label": query.label}, **output.to_jsonable(result)})
     else:
@@ -367,11 +370,7 @@ def get(
 ) -> None:
     """Show stored items by id. Exit code 1 when any id is not stored."""
     conn = _conn(ctx)
-    with conn.client() as client:
-        try:
-            result = client.get(ids)
-        except SearchError as e:
-            raise _call_error(e, conn.address) from None
+    result = conn.call(lambda client: client.get(ids))
     if as_json:
         output.print_json(result)
     else:
@@ -390,11 +389,7 @@ def delete(
 ) -> None:
     """Delete stored items by id (unknown ids are ignored)."""
     conn = _conn(ctx)
-    with conn.client() as client:
-        try:
-            deleted = client.delete(ids)
-        except SearchError as e:
-            raise _call_error(e, conn.address) from None
+    deleted = conn.call(lambda client: client.delete(ids))
     output.console.print(f"deleted {deleted} of {len(ids)} ids")
 
 
@@ -405,11 +400,7 @@ def stats(
 ) -> None:
     """Describe the collection: item count, models, index, Milvus mode."""
     conn = _conn(ctx)
-    with conn.client() as client:
-        try:
-            result = client.stats()
-        except SearchError as e:
-            raise _call_error(e, conn.address) from None
+    result = conn.call(lambda client: client.stats())
     if as_json:
         output.print_json(result)
     else:
