@@ -8,6 +8,7 @@ errors, so a restarted Milvus is picked up again without restarting the service.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -68,6 +69,19 @@ def _is_released(e: MilvusException) -> bool:
     return "released" in text or "not loaded" in text
 
 
+class _MilvusLiteUnimplemented(logging.Filter):
+    """Embedded Milvus Lite runs a gRPC server inside this process that does not
+    implement some RPCs pymilvus tries first (AllocTimestamp) and then does without; grpc
+    logs each of those as an error with a traceback. Drop exactly those records."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(error, NotImplementedError) and str(error) == "Method not implemented!")
+
+
+_MILVUS_LITE_NOISE = _MilvusLiteUnimplemented()
+
+
 class MilvusStore:
     def __init__(self, settings: SearchSettings) -> None:
         self.settings = settings
@@ -91,6 +105,9 @@ class MilvusStore:
                     from pathlib import Path
 
                     Path(uri).parent.mkdir(parents=True, exist_ok=True)
+                    # The embedded server is a synchronous grpc server (logger "grpc._server");
+                    # our own services run grpc.aio, which logs elsewhere.
+                    logging.getLogger("grpc._server").addFilter(_MILVUS_LITE_NOISE)
                 self._client = MilvusClient(
                     uri=uri, token=token, db_name=self.settings.milvus_db_name, timeout=self.settings.milvus_timeout_s
                 )
@@ -102,7 +119,7 @@ class MilvusStore:
         if client is not None:
             try:
                 client.close()
-            except Exception:  # closing a broken client must not mask the real error
+            except Exception:  # noqa: BLE001, S110 - closing a broken client must not mask the real error
                 pass
 
     async def _call(self, op: str, fn: Callable[[MilvusClient], T], filter_expr: str = "") -> T:
