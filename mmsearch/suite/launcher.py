@@ -324,13 +324,18 @@ def _signals_cut_grace_short(hurry: dict[str, bool]) -> Callable[[], None]:
     interrupting the shutdown half-way (which would leave children running)."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def handler(signum: int, frame: object) -> None:
         hurry["now"] = True
 
+    return _on_stop_signals(handler)
+
+
+def _on_stop_signals(handler: Callable[[int, object], None]) -> Callable[[], None]:
+    """Installs `handler` for SIGINT and SIGTERM; returns a function restoring the previous ones."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     for sig in previous:
-        signal.signal(sig, handler)
+        signal.signal(sig, handler)  # type: ignore[arg-type]
 
     def restore() -> None:
         for sig, h in previous.items():
@@ -357,16 +362,8 @@ def install_interrupt_handlers() -> Callable[[], None]:
     Python then never turns Ctrl-C into KeyboardInterrupt. Returns a function restoring
     the previous handlers.
     """
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def handler(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    for sig in previous:
-        signal.signal(sig, handler)
-
-    def restore() -> None:
-        for sig, h in previous.items():
-            signal.signal(sig, h)
-
-    return restore
+    return _on_stop_signals(handler)

@@ -54,6 +54,25 @@ async def _abort(context: grpc.aio.ServicerContext, e: ServiceError) -> None:
     await context.abort(e.code, e.message, trailing_metadata=_NO_RETRY if isinstance(e, UpstreamExhausted) else ())
 
 
+def refusing(handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler | None:
+    """A handler of the same shape as `handler` that answers every call with `code`."""
+
+    def wrapper(_b: Callable[..., Any], _rs: bool, resp_stream: bool) -> Callable[..., Any]:
+        async def refuse(_request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await context.abort(code, message)
+
+        if resp_stream:
+
+            async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                await refuse(request, context)
+                yield  # pragma: no cover - makes this an async generator
+
+            return refuse_stream
+        return refuse
+
+    return wrap_handler(handler, wrapper)
+
+
 class HandlerCache:
     """Per method, the last inner handler an interceptor wrapped, and the wrapped result.
 
@@ -211,21 +230,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if method.startswith(UNAUTHENTICATED_PREFIXES) or self._allowed(handler_call_details.invocation_metadata):
             return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)
-
-        def wrapper(_b: Callable[..., Any], _rs: bool, resp_stream: bool) -> Callable[..., Any]:
-            async def deny(_request: Any, context: grpc.aio.ServicerContext) -> Any:
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
-
-            if resp_stream:
-
-                async def deny_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                    await deny(request, context)
-                    yield  # pragma: no cover - makes this an async generator
-
-                return deny_stream
-            return deny
-
-        return wrap_handler(handler, wrapper)
+        return refusing(handler, grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
 
 
 class StartupGate(grpc.aio.ServerInterceptor):
@@ -250,18 +255,4 @@ class StartupGate(grpc.aio.ServerInterceptor):
             return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)
         message = f"{self._app_name} is starting (loading its model or connections); retry shortly"
-
-        def wrapper(_b: Callable[..., Any], _rs: bool, resp_stream: bool) -> Callable[..., Any]:
-            async def refuse(_request: Any, context: grpc.aio.ServicerContext) -> Any:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, message)
-
-            if resp_stream:
-
-                async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                    await refuse(request, context)
-                    yield  # pragma: no cover - makes this an async generator
-
-                return refuse_stream
-            return refuse
-
-        return wrap_handler(handler, wrapper)
+        return refusing(handler, grpc.StatusCode.UNAVAILABLE, message)
