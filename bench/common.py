@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,39 +227,62 @@ def spawn(name: str, args: list[str], env: dict[str, str], port: int, workdir: P
     return Proc(name, popen, port, log_path)
 
 
+async def closed_loop(call: Callable[[int], Awaitable[Any]], clients: int, stop_at: float) -> None:
+    """`clients` closed-loop callers until `time.perf_counter()` passes `stop_at`: caller c
+    makes call(c), call(c + clients), call(c + 2 * clients), ..., each as soon as the last
+    one returned. `call` gets the running request number (to pick a request) and counts
+    what it needs itself."""
+
+    async def caller(c: int) -> None:
+        i = c
+        while time.perf_counter() < stop_at:
+            await call(i)
+            i += clients
+
+    await asyncio.gather(*(caller(c) for c in range(clients)))
+
+
+async def _poll(proc: Proc, ready: Callable[[], Awaitable[bool]], timeout_s: float, what: str,
+                every_s: float = 0.3) -> None:
+    """Calls `ready` until it says True; fails early when the process exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.tail()}")
+        if await ready():
+            return
+        await asyncio.sleep(every_s)
+    raise TimeoutError(f"{proc.name} did not {what}:\n{proc.tail()}")
+
+
 async def wait_serving(proc: Proc, timeout_s: float = 300) -> None:
     """Polls grpc.health.v1 until SERVING (or the process dies)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    deadline = time.monotonic() + timeout_s
     async with grpc.aio.insecure_channel(proc.address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if proc.popen.poll() is not None:
-                raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.tail()}")
+
+        async def serving() -> bool:
             try:
                 reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=2)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
             except grpc.aio.AioRpcError:
-                pass
-            await asyncio.sleep(0.3)
-    raise TimeoutError(f"{proc.name} did not become SERVING:\n{proc.tail()}")
+                return False
+            return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+        await _poll(proc, serving, timeout_s, "become SERVING")
 
 
 async def wait_port(port: int, proc: Proc, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.popen.poll() is not None:
-            raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.tail()}")
+    async def listening() -> bool:
         try:
             _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            return
         except OSError:
-            await asyncio.sleep(0.2)
-    raise TimeoutError(f"{proc.name} did not open port {port}")
+            return False
+        writer.close()
+        return True
+
+    await _poll(proc, listening, timeout_s, f"open port {port}", every_s=0.2)
 
 
 def milvus_lite_bin() -> str:
@@ -395,18 +418,17 @@ async def wait_started(proc: Proc, timeout_s: float = 300) -> None:
 
     from mmsearch.search.v1 import search_pb2, search_pb2_grpc
 
-    deadline = time.monotonic() + timeout_s
     async with grpc.aio.insecure_channel(proc.address) as channel:
         stub = search_pb2_grpc.SearchStub(channel)
-        while time.monotonic() < deadline:
-            if proc.popen.poll() is not None:
-                raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.tail()}")
+
+        async def answers() -> bool:
             try:
                 await stub.Stats(search_pb2.StatsRequest(), timeout=10)
-                return
             except grpc.aio.AioRpcError:
-                await asyncio.sleep(0.3)
-    raise TimeoutError(f"{proc.name} did not start:\n{proc.tail()}")
+                return False
+            return True
+
+        await _poll(proc, answers, timeout_s, "start")
 
 
 def scrape_metrics(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

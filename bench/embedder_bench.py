@@ -40,7 +40,17 @@ sys.path.insert(0, str(ROOT))
 
 import grpc
 
-from bench.common import Proc, cpu_seconds, free_port, sample_jpegs, scrape_metrics, spawn, wait_serving
+from bench.common import (
+    Proc,
+    closed_loop,
+    cpu_seconds,
+    free_port,
+    sample_jpegs,
+    scrape_metrics,
+    spawn,
+    wait_port,
+    wait_serving,
+)
 from mmsearch.common.v1 import types_pb2
 from mmsearch.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 
@@ -174,19 +184,15 @@ async def service_throughput(
         ]
         await asyncio.gather(*(stub.Embed(requests[c % len(requests)], timeout=120) for c in range(clients)))  # warm-up
         done = 0
-        stop_at = time.perf_counter() + seconds
 
-        async def client(c: int) -> None:
+        async def call(i: int) -> None:
             nonlocal done
-            i = c
-            while time.perf_counter() < stop_at:
-                await stub.Embed(requests[i % len(requests)], timeout=120)
-                done += batch
-                i += clients
+            await stub.Embed(requests[i % len(requests)], timeout=120)
+            done += batch
 
         items0, batches0 = service.batches(modality)
         started, cpu = time.perf_counter(), cpu_seconds(service.proc.pid)
-        await asyncio.gather(*(client(c) for c in range(clients)))
+        await closed_loop(call, clients, started + seconds)
         elapsed, cpu = time.perf_counter() - started, cpu_seconds(service.proc.pid) - cpu
         items1, batches1 = service.batches(modality)
         mean = (items1 - items0) / (batches1 - batches0) if batches1 > batches0 else None
@@ -213,12 +219,8 @@ async def bare_wait_hop(wait_ms: float, n: int) -> float:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             call = channel.unary_unary("/bench.Wait/Wait")
             request = f"{wait_ms:.3f}".encode()
-            for _ in range(300):  # until it listens
-                try:
-                    await call(request, timeout=2)
-                    break
-                except grpc.aio.AioRpcError:
-                    await asyncio.sleep(0.1)
+            await wait_port(port, proc)
+            await call(request, timeout=10)  # warm-up
             times = []
             for _ in range(n):
                 t = time.perf_counter()

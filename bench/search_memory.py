@@ -60,15 +60,12 @@ async def load(stub: Any, seconds: float, clients: int, jpegs: list[bytes], dim:
         return search_pb2.SearchRequest(query=types_pb2.Content(text=f"temple {i}"), top_k=5,
                                         target=search_pb2.TARGET_CAPTION)
 
-    async def client(c: int) -> None:
-        i = c
-        while time.perf_counter() < stop_at:
-            try:
-                await stub.Search(request(i), timeout=60)
-                codes["OK"] += 1
-            except grpc.aio.AioRpcError as e:
-                codes[e.code().name] += 1
-            i += clients
+    async def call(i: int) -> None:
+        try:
+            await stub.Search(request(i), timeout=60)
+            codes["OK"] += 1
+        except grpc.aio.AioRpcError as e:
+            codes[e.code().name] += 1
 
     async def reingest() -> None:
         while time.perf_counter() < stop_at:
@@ -81,7 +78,7 @@ async def load(stub: Any, seconds: float, clients: int, jpegs: list[bytes], dim:
             samples.append((time.perf_counter() - started, rss(suite)))
             await asyncio.sleep(min(every_s, max(0.0, stop_at - time.perf_counter())))
 
-    await asyncio.gather(sampler(), reingest(), *(client(c) for c in range(clients)))
+    await asyncio.gather(sampler(), reingest(), C.closed_loop(call, clients, stop_at))
     samples.append((time.perf_counter() - started, rss(suite)))
     return samples, codes
 

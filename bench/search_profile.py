@@ -90,15 +90,12 @@ async def search_load(stub: Any, kind: str, stop_at: float, clients: int, dim: i
                                             target=search_pb2.TARGET_HYBRID)
         return search_pb2.SearchRequest(query=types_pb2.Content(text=f"a cat {i % 50}"), top_k=10)
 
-    async def client(c: int) -> None:
+    async def call(i: int) -> None:
         nonlocal done
-        i = c
-        while time.perf_counter() < stop_at:
-            await stub.Search(request(i), timeout=30)
-            done += 1
-            i += clients
+        await stub.Search(request(i), timeout=30)
+        done += 1
 
-    await asyncio.gather(*(client(c) for c in range(clients)))
+    await C.closed_loop(call, clients, stop_at)
     return done
 
 

@@ -114,18 +114,14 @@ async def measure(address: str, vecs: np.ndarray, n: int, qps_s: float, clients:
             e2e.append((time.perf_counter() - t) * 1000)
             milvus.append(reply.timings.milvus_ms)
         done = 0
-        stop_at = time.perf_counter() + qps_s
 
-        async def client(c: int) -> None:
+        async def call(i: int) -> None:
             nonlocal done
-            i = c
-            while time.perf_counter() < stop_at:
-                await stub.Search(reqs[i % len(reqs)], timeout=120)
-                done += 1
-                i += clients
+            await stub.Search(reqs[i % len(reqs)], timeout=120)
+            done += 1
 
         t = time.perf_counter()
-        await asyncio.gather(*(client(c) for c in range(clients)))
+        await C.closed_loop(call, clients, t + qps_s)
         qps = done / (time.perf_counter() - t)
     ours = [a - b for a, b in zip(e2e, milvus, strict=True)]
     return {"ready_s": ready_s, "e2e": e2e, "milvus": milvus, "ours": ours, "qps": qps}
