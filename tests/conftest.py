@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import socket
+from pathlib import Path
 
 import pytest
 from grpc.experimental.aio import init_grpc_aio
@@ -85,3 +86,49 @@ def milvus_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-
     server.start()
     yield server
     server.stop()
+
+
+# --- the real suite as processes, shared by the client and CLI tests --------------------------
+
+SUITE_TOKEN = "tok-shared-suite-7f3a91"
+
+
+class RealSuite:
+    """`LocalSuite` (what `mmsearch up` runs): real embedder, captioner and search processes
+    with the offline lite models and embedded Milvus Lite; search requires SUITE_TOKEN."""
+
+    def __init__(self, data_dir: Path) -> None:
+        from mmsearch.suite import LocalSuite, SuiteConfig
+
+        self.data_dir = data_dir
+        self.token = SUITE_TOKEN
+        self._suite = LocalSuite(SuiteConfig(data_dir=data_dir, ports="auto", metrics=False,
+                                             env={"SEARCH_AUTH_TOKENS": SUITE_TOKEN}, start_timeout_s=540))
+
+    @property
+    def address(self) -> str:
+        return self._suite.search_address
+
+    @property
+    def embedder_address(self) -> str:
+        return self._suite.embedder_address
+
+    @property
+    def captioner_address(self) -> str:
+        return self._suite.captioner_address
+
+    def start(self) -> "RealSuite":
+        self._suite.start()
+        return self
+
+    def stop(self) -> None:
+        self._suite.stop()
+
+
+@pytest.fixture(scope="session")
+def real_suite(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """One running suite for the session: tests use their own item ids (and filters on
+    them) so they do not depend on each other's items."""
+    suite = RealSuite(tmp_path_factory.mktemp("real-suite")).start()
+    yield suite
+    suite.stop()

@@ -1,7 +1,8 @@
-"""SearchClient against an in-memory Search server on loopback (real gRPC)."""
+"""SearchClient: request building and conversion alone; every call against the real suite
+(real search, embedder and captioner processes, Milvus Lite; `real_suite` in
+tests/conftest.py); retries and deadlines against a server that fails on demand."""
 from __future__ import annotations
 
-import datetime
 import io
 import json
 from collections.abc import Iterator
@@ -9,10 +10,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from PIL import Image
 
 from mmsearch.client import (
@@ -26,23 +23,32 @@ from mmsearch.client import (
     retry_service_config,
 )
 from mmsearch.client._channel import ConnectionConfig
-from mmsearch.client._convert import build_search_request, image_to_proto
+from mmsearch.client._convert import IngestTracker, build_search_request, image_to_proto
 from mmsearch.search.v1 import search_pb2
-from tests.client.search_double import RunningDouble, start_double
-from tests.conftest import png_bytes
+from services.lite_models.sample_photos import load_sample_photos
+from tests.client.fault_server import FaultServer
+from tests.conftest import RealSuite, png_bytes
+
+# Searches are limited to this module's own items: the suite is shared with other tests.
+MINE = 'id like "client-sync-%"'
 
 
 @pytest.fixture
-def double() -> Iterator[RunningDouble]:
-    running = start_double()
-    yield running
-    running.stop()
+def faults() -> Iterator[FaultServer]:
+    server = FaultServer()
+    yield server
+    server.stop()
 
 
-@pytest.fixture
-def client(double: RunningDouble) -> Iterator[SearchClient]:
-    with SearchClient(double.address, timeout=5.0) as c:
+@pytest.fixture(scope="module")
+def client(real_suite: RealSuite) -> Iterator[SearchClient]:
+    with SearchClient(real_suite.address, timeout=60.0, token=real_suite.token) as c:
         yield c
+
+
+def write_photo(path: Path, name: str) -> Path:
+    load_sample_photos([name])[0].image.convert("RGB").save(path, format="JPEG", quality=92)
+    return path
 
 
 def _write_png(path: Path, color: tuple[int, int, int]) -> Path:
@@ -97,14 +103,25 @@ def test_search_request_shapes(tmp_path: Path) -> None:
         build_search_request("a", target="pixels")
 
 
-def test_ingest_search_get_delete_stats(client: SearchClient, double: RunningDouble, tmp_path: Path) -> None:
-    cat = _write_png(tmp_path / "cat.png", (200, 120, 40))
+def test_ingest_is_sent_in_chunks_around_local_failures(tmp_path: Path) -> None:
+    items = [png_bytes(color=(1, 1, 1)), png_bytes(color=(2, 2, 2)), IngestItem(image=tmp_path / "missing.png"),
+             png_bytes(color=(3, 3, 3))]
+    tracker = IngestTracker(2, 8 << 20)
+    assert [len(r.items) for r in tracker.requests(items)] == [2, 1]
+
+
+def test_ingest_search_get_delete_stats(client: SearchClient, tmp_path: Path) -> None:
+    cat = write_photo(tmp_path / "cat.jpg", "cat")
+    coffee = io.BytesIO()
+    load_sample_photos(["coffee"])[0].image.convert("RGB").save(coffee, format="JPEG", quality=92)
     items = [
-        IngestItem(image=cat, id="cat", metadata={"label": "cat"}, caption="a tabby cat"),
-        IngestItem(image=png_bytes(color=(0, 0, 0)), metadata={"label": "coffee"}, caption="a cup of coffee"),
-        IngestItem(image=tmp_path / "missing.png", id="gone"),  # fails locally, the call goes on
-        IngestItem(image=b"not an image", id="broken"),  # fails on the server
+        IngestItem(image=cat, id="client-sync-cat", metadata={"label": "cat"}),
+        IngestItem(image=coffee.getvalue(), id="client-sync-coffee", metadata={"label": "coffee"},
+                   caption="a cup of espresso on a saucer"),
+        IngestItem(image=tmp_path / "missing.png", id="client-sync-gone"),  # fails locally, the call goes on
+        IngestItem(image=b"not an image", id="client-sync-broken"),  # fails on the server
     ]
+    before = client.stats().item_count
     updates = []
     summary = client.ingest_all(items, chunk_size=2, on_update=updates.append)
     assert [o.index for o in summary.outcomes] == [0, 1, 2, 3]
@@ -113,30 +130,32 @@ def test_ingest_search_get_delete_stats(client: SearchClient, double: RunningDou
     assert summary.outcomes[3].error_code is grpc.StatusCode.INVALID_ARGUMENT and not summary.outcomes[3].local
     assert (summary.stored, summary.unchanged, summary.failed) == (2, 0, 2)
     assert summary.progress.received == 4 and summary.progress.done == 4
-    assert double.servicer.knobs.ingest_chunks == [2, 1]
     assert updates and updates[-1].progress == summary.progress
-    # the stored uri of a local path is its file URI
-    assert double.servicer.items["cat"].uri == cat.resolve().as_uri()
 
     # idempotent re-run: unchanged
     again = client.ingest_all(items[:2])
     assert [o.status for o in again.outcomes] == [ItemStatus.UNCHANGED, ItemStatus.UNCHANGED]
 
-    result = client.search(text="cat", top_k=1)
-    assert len(result) == 1 and result[0].id == "cat" and result[0].rank == 1
+    result = client.search(text="a cat", top_k=1, filter=MINE)
+    assert len(result) == 1 and result[0].id == "client-sync-cat" and result[0].rank == 1
     assert result[0].metadata == {"label": "cat"} and result.target is Target.IMAGE
-    assert result.timings.total_ms == pytest.approx(3.5)
-    page2 = client.search_text("cat", top_k=1, offset=1, target="caption")
-    assert page2[0].rank == 2 and page2.target is Target.CAPTION
-    assert client.search_image(cat, top_k=5).hits
-    assert client.search_composed(cat, "coffee", top_k=1)[0].metadata["label"] == "coffee"
+    assert result[0].uri == cat.resolve().as_uri()  # a local path is stored as its file URI
+    assert result.timings.total_ms >= result.timings.milvus_ms > 0
+    both = client.search_text("a cup of espresso", top_k=2, target="caption", filter=MINE)
+    assert both[0].id == "client-sync-coffee" and both[0].caption == "a cup of espresso on a saucer"
+    page2 = client.search_text("a cup of espresso", top_k=1, offset=1, target="caption", filter=MINE)
+    assert page2[0].rank == 2 and page2[0].id == both[1].id and page2.target is Target.CAPTION
+    assert client.search_image(cat, top_k=1, filter=MINE)[0].id == "client-sync-cat"
+    composed = client.search_composed(cat, "a cup of coffee", top_k=2, filter=MINE)
+    assert {h.id for h in composed} == {"client-sync-cat", "client-sync-coffee"}
+    assert composed[0].score >= composed[1].score
 
-    got = client.get(["cat", "nope"])
-    assert [r.id for r in got.records] == ["cat"] and got.missing_ids == ["nope"]
-    assert got.records[0].caption == "a tabby cat"
-    assert client.stats().item_count == 2
-    assert client.delete(["cat", "nope"]) == 1
-    assert client.stats().item_count == 1
+    got = client.get(["client-sync-cat", "nope"])
+    assert [r.id for r in got.records] == ["client-sync-cat"] and got.missing_ids == ["nope"]
+    assert got.records[0].caption and got.records[0].content_sha256
+    assert client.stats().item_count == before + 2
+    assert client.delete(["client-sync-cat", "nope"]) == 1
+    assert client.stats().item_count == before + 1
 
 
 def test_errors_carry_status_codes(client: SearchClient) -> None:
@@ -146,36 +165,39 @@ def test_errors_carry_status_codes(client: SearchClient) -> None:
     assert err.value.method == "Search"
 
 
-def test_retries_unavailable_with_grpc_policy(client: SearchClient, double: RunningDouble) -> None:
-    double.servicer.knobs.unavailable_calls = 2
-    assert client.stats().collection == "test"
-    assert double.servicer.knobs.calls["Stats"] == 3
+def test_retries_unavailable_with_grpc_policy(faults: FaultServer) -> None:
+    faults.knobs.unavailable_calls = 2
+    with SearchClient(faults.address, timeout=5.0) as c:
+        assert c.stats().collection == "faults"
+    assert faults.knobs.calls == 3
 
 
-def test_gives_up_after_max_attempts(double: RunningDouble) -> None:
-    double.servicer.knobs.unavailable_calls = 10
-    with SearchClient(double.address, retry_attempts=2) as c, pytest.raises(SearchError) as err:
+def test_gives_up_after_max_attempts(faults: FaultServer) -> None:
+    faults.knobs.unavailable_calls = 10
+    with SearchClient(faults.address, retry_attempts=2) as c, pytest.raises(SearchError) as err:
         c.stats()
     assert err.value.code is grpc.StatusCode.UNAVAILABLE
-    assert double.servicer.knobs.calls["Stats"] == 2
+    assert faults.knobs.calls == 2
 
 
-def test_default_deadline_and_per_call_override(double: RunningDouble) -> None:
-    double.servicer.knobs.delay_s = 0.5
-    with SearchClient(double.address, timeout=0.1) as c:
+def test_default_deadline_and_per_call_override(faults: FaultServer) -> None:
+    faults.knobs.delay_s = 0.5
+    with SearchClient(faults.address, timeout=0.1) as c:
         with pytest.raises(SearchError) as err:
             c.stats()
         assert err.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
-        assert c.stats(timeout=5.0).item_count == 0
+        assert c.stats(timeout=5.0).collection == "faults"
 
 
-def test_bearer_token_on_plaintext_channel(double: RunningDouble) -> None:
-    double.servicer.knobs.token = "s3cret"
-    with SearchClient(double.address) as anonymous, pytest.raises(SearchError) as err:
+def test_bearer_token_on_plaintext_channel(real_suite: RealSuite) -> None:
+    with SearchClient(real_suite.address) as anonymous, pytest.raises(SearchError) as err:
         anonymous.stats()
     assert err.value.code is grpc.StatusCode.UNAUTHENTICATED
-    with SearchClient(double.address, token="s3cret") as c:
-        assert c.stats().item_count == 0
+    with SearchClient(real_suite.address, token="not-the-token") as wrong, pytest.raises(SearchError) as err:
+        wrong.stats()
+    assert err.value.code is grpc.StatusCode.UNAUTHENTICATED
+    with SearchClient(real_suite.address, token=real_suite.token) as c:
+        assert c.stats().dimension > 0
 
 
 def test_unreachable_server_is_unavailable_and_health_fails() -> None:
@@ -187,72 +209,24 @@ def test_unreachable_server_is_unavailable_and_health_fails() -> None:
             c.wait_until_ready(timeout=0.5)
 
 
-def test_health(client: SearchClient, double: RunningDouble) -> None:
+def test_health(client: SearchClient, real_suite: RealSuite) -> None:
     assert client.health() == "SERVING"
     assert client.health("mmsearch.search.v1.Search") == "SERVING"
     assert client.health("no.such.Service") == "SERVICE_UNKNOWN"
-    assert check_health(ConnectionConfig(double.address)) == "SERVING"
+    assert check_health(ConnectionConfig(real_suite.embedder_address)) == "SERVING"  # any service, no token
     client.wait_until_ready(timeout=2)
 
 
 def test_breaking_off_an_ingest_cancels_it(client: SearchClient) -> None:
-    items = (IngestItem(image=png_bytes(color=(i, i, i))) for i in range(50))
+    items = (IngestItem(image=png_bytes(color=(i, 200, 7)), id=f"client-sync-break-{i}") for i in range(50))
     for update in client.ingest(items, chunk_size=1):
         assert update.outcomes
         break  # the generator's finally cancels the call; nothing hangs
+    assert client.health() == "SERVING"  # the channel and the server go on
 
 
 # ---------------------------------------------------------------------------- TLS
-
-
-def _cert(subject: str, issuer_key: ec.EllipticCurvePrivateKey | None = None, issuer: x509.Name | None = None,
-          ca: bool = False, san: str | None = None) -> tuple[bytes, bytes, ec.EllipticCurvePrivateKey, x509.Name]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(issuer or name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if san:
-        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(san)]), critical=False)
-    cert = builder.sign(issuer_key or key, hashes.SHA256())
-    pem_key = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    return cert.public_bytes(serialization.Encoding.PEM), pem_key, key, name
-
-
-def test_mtls_with_token(tmp_path: Path) -> None:
-    ca_pem, _, ca_key, ca_name = _cert("test-ca", ca=True)
-    srv_pem, srv_key, _, _ = _cert("search.local", ca_key, ca_name, san="search.local")
-    cli_pem, cli_key, _, _ = _cert("backend", ca_key, ca_name)
-    (tmp_path / "ca.pem").write_bytes(ca_pem)
-    creds = grpc.ssl_server_credentials([(srv_key, srv_pem)], root_certificates=ca_pem, require_client_auth=True)
-    running = start_double(creds)
-    running.servicer.knobs.token = "tok"
-    try:
-        with SearchClient(
-            running.address,
-            root_cert=tmp_path / "ca.pem",
-            client_cert=cli_pem,
-            client_key=cli_key,
-            server_name="search.local",
-            token="tok",
-        ) as c:
-            assert c.stats().collection == "test"
-            assert running.servicer.knobs.last_metadata["authorization"] == "Bearer tok"
-        # without a client certificate the handshake fails
-        with SearchClient(running.address, root_cert=ca_pem, server_name="search.local", timeout=2, retry_attempts=1) as c:
-            with pytest.raises(SearchError) as err:
-                c.stats()
-            assert err.value.code is grpc.StatusCode.UNAVAILABLE
-    finally:
-        running.stop()
+# (against the real search service over TLS and mTLS: tests/security/test_security_tls_auth.py)
 
 
 def test_mtls_needs_both_cert_and_key() -> None:

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from pydantic import SecretStr
 
 from mmsearch.captioner.v1 import captioner_pb2, captioner_pb2_grpc
+from mmsearch.client import AsyncSearchClient, SearchError
 from mmsearch.common.v1 import types_pb2
 from mmsearch.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from mmsearch.search.v1 import search_pb2, search_pb2_grpc
@@ -61,8 +62,15 @@ async def suite(pki: Pki, milvus_server: MilvusLiteServer) -> AsyncIterator[dict
         upstream_tls=ClientTlsSettings(enabled=True, ca_file=pki.ca, cert_file=pki.client.cert,
                                        key_file=pki.client.key),
     )
-    yield {"embedder": embedder, "captioner": captioner, "search": search}
-    for server in (search, captioner, embedder):
+    # The same search, but requiring client certificates too (for the client library's mTLS).
+    search_mtls = await start_search(
+        milvus_server.uri, f"localhost:{embedder.port}", f"127.0.0.1:{captioner.port}", collection="tls",
+        tls=mtls, auth_tokens=[SecretStr(TOKEN)],
+        upstream_tls=ClientTlsSettings(enabled=True, ca_file=pki.ca, cert_file=pki.client.cert,
+                                       key_file=pki.client.key),
+    )
+    yield {"embedder": embedder, "captioner": captioner, "search": search, "search_mtls": search_mtls}
+    for server in (search_mtls, search, captioner, embedder):
         await server.stop(0.2)
 
 
@@ -103,6 +111,32 @@ async def test_ingest_and_search_over_tls_with_mtls_upstreams(suite: dict[str, R
         # The second configured token works too (rotation: old and new accepted at once).
         stats = await stub.Stats(search_pb2.StatsRequest(), metadata=(("authorization", f"Bearer {TOKEN_2}"),))
         assert stats.item_count >= 3
+
+
+async def test_client_library_over_tls_and_mtls_with_a_token(suite: dict[str, RunningServer], pki: Pki) -> None:
+    """AsyncSearchClient's TLS options against the real search service: server TLS, then mTLS
+    (with `server_name` overriding the name it checks); the wrong CA or no client
+    certificate fails at the handshake."""
+    tls_address = f"localhost:{suite['search'].port}"
+    async with AsyncSearchClient(tls_address, root_cert=pki.ca, token=TOKEN, timeout=30) as client:
+        assert (await client.stats()).dimension > 0
+        assert await client.health() == "SERVING"
+    async with AsyncSearchClient(tls_address, root_cert=pki.other_ca, token=TOKEN, timeout=5,
+                                 retry_attempts=1) as client:
+        with pytest.raises(SearchError) as err:
+            await client.stats()
+        assert err.value.code is grpc.StatusCode.UNAVAILABLE
+
+    mtls_address = f"127.0.0.1:{suite['search_mtls'].port}"
+    async with AsyncSearchClient(mtls_address, root_cert=pki.ca, client_cert=pki.client.cert,
+                                 client_key=pki.client.key.read_bytes(), server_name="localhost", token=TOKEN,
+                                 timeout=30) as client:
+        assert (await client.stats()).dimension > 0
+    async with AsyncSearchClient(mtls_address, root_cert=pki.ca, server_name="localhost", token=TOKEN, timeout=5,
+                                 retry_attempts=1) as client:
+        with pytest.raises(SearchError) as err:
+            await client.stats()
+        assert err.value.code is grpc.StatusCode.UNAVAILABLE
 
 
 @pytest.mark.parametrize("service", ["search", "embedder", "captioner"])
