@@ -36,6 +36,14 @@ class _ItemStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ItemStatus
     """Already stored with the same id and content; nothing written."""
     ITEM_STATUS_FAILED: _ItemStatus.ValueType  # 3
     """Not stored; `error` says why. Safe to retry."""
+    ITEM_STATUS_DUPLICATE: _ItemStatus.ValueType  # 4
+    """Not stored: an earlier item of the same stream already has this id (given, or the
+    content hash). Within one Ingest stream an id is used once and the FIRST item in
+    stream order wins, whatever order the server finishes items in; every later item
+    with that id gets DUPLICATE and `error` (ALREADY_EXISTS) names the earlier item's
+    index. Retrying the same stream gives the same outcome; to replace an item's
+    content, send the new version in a later stream (it is stored over the old one).
+    """
 
 class ItemStatus(_ItemStatus, metaclass=_ItemStatusEnumTypeWrapper):
     """What happened to one item."""
@@ -47,6 +55,14 @@ ITEM_STATUS_UNCHANGED: ItemStatus.ValueType  # 2
 """Already stored with the same id and content; nothing written."""
 ITEM_STATUS_FAILED: ItemStatus.ValueType  # 3
 """Not stored; `error` says why. Safe to retry."""
+ITEM_STATUS_DUPLICATE: ItemStatus.ValueType  # 4
+"""Not stored: an earlier item of the same stream already has this id (given, or the
+content hash). Within one Ingest stream an id is used once and the FIRST item in
+stream order wins, whatever order the server finishes items in; every later item
+with that id gets DUPLICATE and `error` (ALREADY_EXISTS) names the earlier item's
+index. Retrying the same stream gives the same outcome; to replace an item's
+content, send the new version in a later stream (it is stored over the old one).
+"""
 Global___ItemStatus: _TypeAlias = ItemStatus  # noqa: Y015
 
 class _Target:
@@ -214,7 +230,7 @@ class ItemOutcome(_message.Message):
     status: Global___ItemStatus.ValueType
     @_builtins.property
     def error(self) -> _types_pb2.ItemError:
-        """Set when status is FAILED."""
+        """Set when status is FAILED or DUPLICATE."""
 
     def __init__(
         self,
@@ -243,6 +259,7 @@ class IngestProgress(_message.Message):
     UNCHANGED_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
     IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    DUPLICATE_FIELD_NUMBER: _builtins.int
     received: _builtins.int
     """Items received so far."""
     stored: _builtins.int
@@ -250,6 +267,8 @@ class IngestProgress(_message.Message):
     failed: _builtins.int
     in_flight: _builtins.int
     """Items received but without an outcome yet."""
+    duplicate: _builtins.int
+    """Items refused because an earlier item of the stream has the same id (DUPLICATE)."""
     def __init__(
         self,
         *,
@@ -258,10 +277,11 @@ class IngestProgress(_message.Message):
         unchanged: _builtins.int = ...,
         failed: _builtins.int = ...,
         in_flight: _builtins.int = ...,
+        duplicate: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed", b"failed", "in_flight", b"in_flight", "received", b"received", "stored", b"stored", "unchanged", b"unchanged"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate", b"duplicate", "failed", b"failed", "in_flight", b"in_flight", "received", b"received", "stored", b"stored", "unchanged", b"unchanged"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
