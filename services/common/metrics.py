@@ -1,7 +1,8 @@
 """Prometheus metrics: the standard gRPC server series and the /metrics endpoint.
 
 Series and labels follow go-grpc-prometheus / grpc-ecosystem so existing dashboards and
-alerts work unchanged: grpc_server_started_total, grpc_server_handled_total (grpc_code),
+alerts work unchanged: grpc_server_started_total, grpc_server_handled_total (grpc_code, with
+Go's code names: OK, InvalidArgument, ResourceExhausted, ...),
 grpc_server_handling_seconds, grpc_server_msg_received_total, grpc_server_msg_sent_total,
 all labelled grpc_type, grpc_service, grpc_method. Metrics live in the process-wide
 default registry (one process = one service in production).
@@ -48,15 +49,45 @@ def _split_method(full: str) -> tuple[str, str]:
     return service, method
 
 
+# grpc_code values exactly as go-grpc-prometheus writes them: Go's codes.Code.String()
+# (CamelCase, and Go's spelling "Canceled"), not Python's enum names. Dashboards and
+# alerts written for Go services (grpc_code="ResourceExhausted") then work unchanged.
+GO_CODE_NAMES: dict[grpc.StatusCode, str] = {
+    grpc.StatusCode.OK: "OK",
+    grpc.StatusCode.CANCELLED: "Canceled",
+    grpc.StatusCode.UNKNOWN: "Unknown",
+    grpc.StatusCode.INVALID_ARGUMENT: "InvalidArgument",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "DeadlineExceeded",
+    grpc.StatusCode.NOT_FOUND: "NotFound",
+    grpc.StatusCode.ALREADY_EXISTS: "AlreadyExists",
+    grpc.StatusCode.PERMISSION_DENIED: "PermissionDenied",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "ResourceExhausted",
+    grpc.StatusCode.FAILED_PRECONDITION: "FailedPrecondition",
+    grpc.StatusCode.ABORTED: "Aborted",
+    grpc.StatusCode.OUT_OF_RANGE: "OutOfRange",
+    grpc.StatusCode.UNIMPLEMENTED: "Unimplemented",
+    grpc.StatusCode.INTERNAL: "Internal",
+    grpc.StatusCode.UNAVAILABLE: "Unavailable",
+    grpc.StatusCode.DATA_LOSS: "DataLoss",
+    grpc.StatusCode.UNAUTHENTICATED: "Unauthenticated",
+}
+_BY_NUMBER = {c.value[0]: name for c, name in GO_CODE_NAMES.items()}
+
+
+def code_label(code: grpc.StatusCode | int) -> str:
+    """The grpc_code label value of a status (go-grpc-prometheus' name)."""
+    if isinstance(code, grpc.StatusCode):
+        return GO_CODE_NAMES[code]
+    return _BY_NUMBER.get(code, "Unknown")
+
+
 def _code_name(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:
     if isinstance(error, asyncio.CancelledError):
-        return grpc.StatusCode.CANCELLED.name
+        return code_label(grpc.StatusCode.CANCELLED)
     code = context.code()
-    if isinstance(code, grpc.StatusCode):
-        return code.name
-    if isinstance(code, int):  # the aio context may return the raw number
-        return next((c.name for c in grpc.StatusCode if c.value[0] == code), "UNKNOWN")
-    return "UNKNOWN" if error is not None else "OK"
+    if isinstance(code, grpc.StatusCode | int):  # the aio context may return the raw number
+        return code_label(code)
+    return code_label(grpc.StatusCode.UNKNOWN if error is not None else grpc.StatusCode.OK)
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):

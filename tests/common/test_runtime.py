@@ -66,7 +66,7 @@ async def test_calls_increment_standard_metric_series(running: RunningServer) ->
     base = {"grpc_service": CAPTIONER, "grpc_method": "Info", "grpc_type": "unary"}
     ok_before = _metric(running.metrics_port, "grpc_server_handled_total", {**base, "grpc_code": "OK"})
     started_before = _metric(running.metrics_port, "grpc_server_started_total", base)
-    bad = {**base, "grpc_method": "Caption", "grpc_code": "INVALID_ARGUMENT"}
+    bad = {**base, "grpc_method": "Caption", "grpc_code": "InvalidArgument"}
     bad_before = _metric(running.metrics_port, "grpc_server_handled_total", bad)
     async with grpc.aio.insecure_channel(running.address) as channel:
         stub = captioner_pb2_grpc.CaptionerStub(channel)

@@ -212,7 +212,7 @@ async def _wait(predicate: Any, within_s: float, what: str) -> float:
 def ended(service: str, method: str) -> float:
     """Server-side calls of `method` that ended because of a deadline or a cancellation."""
     return sum(metric("grpc_server_handled_total", grpc_type="unary", grpc_service=service, grpc_method=method,
-                      grpc_code=code) for code in ("DEADLINE_EXCEEDED", "CANCELLED"))
+                      grpc_code=code) for code in ("DeadlineExceeded", "Canceled"))
 
 
 CAPTION = ("mmsearch.captioner.v1.Captioner", "Caption")
