@@ -35,3 +35,15 @@ UPSTREAM_WAITING = Gauge(
 CACHE_HITS = Counter("captioner_cache_hits_total", "Captions served from the LRU cache.")
 CACHE_MISSES = Counter("captioner_cache_misses_total", "Caption lookups that missed the cache.")
 CACHE_ENTRIES = Gauge("captioner_cache_entries", "Captions held in the LRU cache.")
+# An info metric (value 1) to join on, so captioner series can be split by model during a
+# rollout: ... * on (namespace, pod) group_left (model_id) captioner_model_info
+MODEL_INFO = Gauge(
+    "captioner_model_info", "The model this process captions with (value 1): backend and model id.",
+    ("backend", "model_id"),
+)
+
+
+def set_model_info(backend: str, model_id: str) -> None:
+    """Publishes the served model (replacing any earlier one of this process)."""
+    MODEL_INFO.clear()
+    MODEL_INFO.labels(backend, model_id).set(1)

@@ -81,6 +81,7 @@ class CaptionService:
     async def start(self) -> None:
         await self.backend.start()
         self._started = True
+        metrics.set_model_info(self.backend.name, self.backend.model_id)
         log.info("captioner backend ready", backend=self.backend.name, model=self.backend.model_id)
 
     async def aclose(self) -> None:

@@ -22,6 +22,7 @@ from services.common.errors import DeadlineExceeded, InvalidInput, ServiceError,
 from services.common.images import decode_image
 from services.common.intake import ImageIntake
 from services.common.log import get_logger
+from services.embedder import metrics
 from services.embedder.backends.base import (
     BackendInfo,
     EmbeddingBackend,
@@ -116,6 +117,7 @@ class EmbeddingEngine:
         )
         self._batcher.start()
         self._info = info
+        metrics.set_model_info(info.backend, info.model_id, info.dimension)
         log.info(
             "embedder ready",
             backend=info.backend,

@@ -28,23 +28,17 @@ import aiohttp
 import numpy as np
 from dashscope.embeddings.multimodal_embedding import AioMultiModalEmbedding
 from PIL import Image
-from prometheus_client import Counter
 
 from services.common.errors import DeadlineExceeded, InvalidInput, ServiceError, Unavailable, UpstreamExhausted
 from services.common.images import DecodedImage
 from services.common.log import get_logger
 from services.common.retries import upstream_retrying
 from services.embedder.backends.base import BackendInfo, Modality, RemoteBackend, l2_normalize
+from services.embedder.metrics import UPSTREAM_REQUESTS
 from services.embedder.settings import DashScopeSettings, EmbedderSettings
 
 log = get_logger(__name__)
 
-UPSTREAM_REQUESTS = Counter(
-    "embedder_upstream_requests_total",
-    "HTTP attempts to the upstream embedding API, by outcome"
-    " (ok, throttled, server_error, client_error, network_error, bad_response).",
-    ("outcome",),
-)
 
 _MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "BMP": "image/bmp"}
 
