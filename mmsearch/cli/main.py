@@ -241,13 +241,18 @@ def run_ingest(client: SearchClient, items: list[LocalItem], chunk_size: int = 8
 
 
 def print_ingest_summary(summary: IngestSummary, items: list[LocalItem]) -> None:
+    duplicates = summary.duplicates
     line = (
         f"[green]{summary.stored} stored[/] · {summary.unchanged} unchanged · "
-        f"[{'red' if summary.failed else 'dim'}]{summary.failed} failed[/] of {len(items)} items"
+        + (f"[yellow]{len(duplicates)} duplicate ids[/] · " if duplicates else "")
+        + f"[{'red' if summary.failed else 'dim'}]{summary.failed} failed[/] of {len(items)} items"
     )
     output.console.print(line)
+    names = [str(it.path) for it in items]
+    if duplicates:  # not an error: the first item with the id was processed
+        output.console.print(output.failures_table(duplicates, names, title="duplicate ids (not stored)"))
     if summary.failures:
-        output.console.print(output.failures_table(summary.failures, [str(it.path) for it in items]))
+        output.console.print(output.failures_table(summary.failures, names))
 
 
 @app.command()
@@ -270,6 +275,7 @@ def ingest(
                 "stored": summary.stored,
                 "unchanged": summary.unchanged,
                 "failed": summary.failed,
+                "duplicate": len(summary.duplicates),
                 "outcomes": [
                     {**output.to_jsonable(o), "path": str(items[o.index].path)} for o in summary.outcomes
                 ],

@@ -199,8 +199,10 @@ def ingest_progress() -> Progress:
     )
 
 
-def failures_table(failures: Sequence[IngestOutcome], names: Sequence[str], limit: int = 50) -> Table:
-    table = Table(title="failed items", title_justify="left", title_style="bold red")
+def failures_table(
+    failures: Sequence[IngestOutcome], names: Sequence[str], limit: int = 50, title: str = "failed items"
+) -> Table:
+    table = Table(title=title, title_justify="left", title_style="bold red")
     table.add_column("#", justify="right")
     table.add_column("item", overflow="fold")
     table.add_column("code", style="red", no_wrap=True)

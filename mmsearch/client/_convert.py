@@ -45,6 +45,7 @@ _STATUSES = {
     search_pb2.ITEM_STATUS_STORED: ItemStatus.STORED,
     search_pb2.ITEM_STATUS_UNCHANGED: ItemStatus.UNCHANGED,
     search_pb2.ITEM_STATUS_FAILED: ItemStatus.FAILED,
+    search_pb2.ITEM_STATUS_DUPLICATE: ItemStatus.DUPLICATE,
 }
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
 
@@ -329,7 +330,7 @@ class IngestTracker:
 
     def _progress(self) -> IngestProgress:
         s, lf = self._server, self._local_failed
-        return IngestProgress(s.received + lf, s.stored, s.unchanged, s.failed + lf, s.in_flight)
+        return IngestProgress(s.received + lf, s.stored, s.unchanged, s.failed + lf, s.in_flight, s.duplicate)
 
     def _take_local(self) -> list[IngestOutcome]:
         local, self._local = self._local, []
@@ -341,10 +342,10 @@ class IngestTracker:
             for o in msg.outcomes:
                 index = self._stream_to_caller[o.index] if o.index < len(self._stream_to_caller) else int(o.index)
                 status = _STATUSES.get(o.status, ItemStatus.FAILED)
-                code = _CODES.get(o.error.code, grpc.StatusCode.UNKNOWN) if status is ItemStatus.FAILED else None
+                code = _CODES.get(o.error.code, grpc.StatusCode.UNKNOWN) if o.HasField("error") else None
                 outcomes.append(IngestOutcome(index, o.id, status, code, o.error.message))
             p = msg.progress
-            self._server = IngestProgress(p.received, p.stored, p.unchanged, p.failed, p.in_flight)
+            self._server = IngestProgress(p.received, p.stored, p.unchanged, p.failed, p.in_flight, p.duplicate)
             return IngestUpdate(tuple(outcomes), self._progress())
 
     def flush(self) -> IngestUpdate | None:

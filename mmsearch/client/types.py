@@ -132,6 +132,8 @@ class ItemStatus(str, Enum):
     STORED = "stored"
     UNCHANGED = "unchanged"
     FAILED = "failed"
+    # Not stored: an earlier item of the same call has this id (the first one wins).
+    DUPLICATE = "duplicate"
 
 
 @dataclass(frozen=True)
@@ -160,10 +162,11 @@ class IngestProgress:
     unchanged: int = 0
     failed: int = 0
     in_flight: int = 0
+    duplicate: int = 0
 
     @property
     def done(self) -> int:
-        return self.stored + self.unchanged + self.failed
+        return self.stored + self.unchanged + self.failed + self.duplicate
 
 
 @dataclass(frozen=True)
@@ -186,6 +189,11 @@ class IngestSummary:
     @property
     def unchanged(self) -> int:
         return sum(1 for o in self.outcomes if o.status is ItemStatus.UNCHANGED)
+
+    @property
+    def duplicates(self) -> list[IngestOutcome]:
+        """Items not stored because an earlier item of the call had the same id."""
+        return [o for o in self.outcomes if o.status is ItemStatus.DUPLICATE]
 
     @property
     def failures(self) -> list[IngestOutcome]:

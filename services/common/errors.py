@@ -28,6 +28,12 @@ class NotFound(ServiceError):
     code = grpc.StatusCode.NOT_FOUND
 
 
+class AlreadyExists(ServiceError):
+    """The thing the caller tried to create exists (e.g. an id used twice in one stream)."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
 class Overloaded(ServiceError):
     """A bounded queue or concurrency limit is full: retry later with backoff."""
 

@@ -22,7 +22,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from services.common.convert import Content, ImageContent, TextContent
-from services.common.errors import DeadlineExceeded, FailedPrecondition, InvalidInput, ServiceError
+from services.common.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, InvalidInput, ServiceError
 from services.common.intake import ImageIntake, ImageRef
 from services.common.log import get_logger
 from services.search import fields as F
@@ -40,6 +40,8 @@ class ItemStatus(str, Enum):
     STORED = "stored"
     UNCHANGED = "unchanged"
     FAILED = "failed"
+    # An earlier item of the same stream has this id; this one is not stored.
+    DUPLICATE = "duplicate"
 
 
 @dataclass(frozen=True)
@@ -74,10 +76,11 @@ class Progress:
     stored: int = 0
     unchanged: int = 0
     failed: int = 0
+    duplicate: int = 0
 
     @property
     def in_flight(self) -> int:
-        return self.received - self.stored - self.unchanged - self.failed
+        return self.received - self.stored - self.unchanged - self.failed - self.duplicate
 
 
 class Captioner(Protocol):
@@ -185,7 +188,8 @@ class _Run:
         self.feed_error: BaseException | None = None
         self.outcomes: asyncio.Queue[Outcome | None] = asyncio.Queue()
         self.slots = asyncio.Semaphore(s.max_in_flight_items)
-        self.decode_q: asyncio.Queue[IngestItem] = asyncio.Queue(maxsize=s.decode_workers * 2)
+        # (arrival number, item): the number orders id claims (see `claim`).
+        self.decode_q: asyncio.Queue[tuple[int, IngestItem]] = asyncio.Queue(maxsize=s.decode_workers * 2)
         self.check_q: asyncio.Queue[_Work] = asyncio.Queue()
         self.caption_q: asyncio.Queue[_Work] = asyncio.Queue()
         self.embed_q: asyncio.Queue[_Work] = asyncio.Queue()
@@ -193,8 +197,12 @@ class _Run:
         self.captioning = 0  # items a caption worker has taken and not passed on yet
         # One embed worker gathers at a time, so arrivals fill one batch, not two halves.
         self.embed_gathering = asyncio.Lock()
-        # id -> future of the in-flight item that owns it (duplicates wait for it).
-        self.owners: dict[str, asyncio.Future[Outcome]] = {}
+        # One id per stream, the first item in stream order wins (search.proto, DUPLICATE).
+        # Items leave the decode stage out of order, so ids are claimed in arrival order:
+        # `decoded` parks finished items until every earlier one has been decided.
+        self.claimed: dict[str, int] = {}  # id -> stream index of the item that holds it
+        self.decoded: dict[int, _Work | None] = {}  # arrival number -> work (None: failed)
+        self.next_claim = 0
         self.tasks: list[asyncio.Task[Any]] = []
 
     # --- bookkeeping ------------------------------------------------------------------
@@ -207,15 +215,13 @@ class _Run:
             self.progress.stored += 1
         elif status is ItemStatus.UNCHANGED:
             self.progress.unchanged += 1
+        elif status is ItemStatus.DUPLICATE:
+            self.progress.duplicate += 1
         else:
             self.progress.failed += 1
             log.info("ingest item failed", index=item.index, id=item_id, reason=error.message if error else "")
         INGEST_ITEMS.labels(status.value).inc()
         INGEST_IN_FLIGHT.dec()
-        owner = self.owners.get(item_id)
-        if owner is not None and getattr(owner, "_mmsearch_index", None) == item.index:
-            del self.owners[item_id]
-            owner.set_result(outcome)
         self.slots.release()
         self.outcomes.put_nowait(outcome)
 
@@ -265,9 +271,10 @@ class _Run:
         try:
             async for item in items:
                 await self.slots.acquire()  # bounded in-flight: stop reading the stream
+                arrival = self.progress.received
                 self.progress.received += 1
                 INGEST_IN_FLIGHT.inc()
-                await self.decode_q.put(item)
+                await self.decode_q.put((arrival, item))
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # a broken request stream ends the call
@@ -280,39 +287,40 @@ class _Run:
 
     async def decoder(self) -> None:
         while True:
-            item = await self.decode_q.get()
+            arrival, item = await self.decode_q.get()
             start = time.perf_counter()
+            work: _Work | None = None
             try:
                 work = await self.prepare(item)
             except ServiceError as e:
                 self.finish(item, ItemStatus.FAILED, e)
-                continue
             except Exception as e:
                 log.exception("decode stage error", index=item.index)
                 self.finish(item, ItemStatus.FAILED, InvalidInput(f"could not read the item: {type(e).__name__}"))
-                continue
             finally:
                 INGEST_STAGE_SECONDS.labels("decode").observe(time.perf_counter() - start)
-            owner = self.owners.get(work.id)
-            if owner is not None:
-                self.spawn(self.follow(work, owner))
+            self.claim(arrival, work)
+
+    def claim(self, arrival: int, work: _Work | None) -> None:
+        """Decides ids in stream order, whatever order decoding finished in.
+
+        An item goes on only once every earlier item has an id (or failed), so "the first
+        item with an id wins" does not depend on timing; later ones become DUPLICATE.
+        """
+        self.decoded[arrival] = work
+        while self.next_claim in self.decoded:
+            w = self.decoded.pop(self.next_claim)
+            self.next_claim += 1
+            if w is None:
+                continue
+            first = self.claimed.setdefault(w.id, w.item.index)
+            if first != w.item.index:
+                self.finish(w, ItemStatus.DUPLICATE, AlreadyExists(
+                    f"id {w.id!r} was already used by item {first} of this stream; an id is used once per "
+                    "Ingest stream and the first item wins (send a new version in a later stream)"
+                ))
             else:
-                self.own(work)
-                self.check_q.put_nowait(work)
-
-    def own(self, work: _Work) -> None:
-        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        future._mmsearch_index = work.item.index  # type: ignore[attr-defined]
-        self.owners[work.id] = future
-
-    async def follow(self, work: _Work, owner: asyncio.Future[Outcome]) -> None:
-        """A second item with the same id in one stream goes through after the first."""
-        await asyncio.shield(owner)
-        if work.id in self.owners:
-            self.spawn(self.follow(work, self.owners[work.id]))
-            return
-        self.own(work)
-        self.check_q.put_nowait(work)
+                self.check_q.put_nowait(w)
 
     async def prepare(self, item: IngestItem) -> _Work:
         s = self.s

@@ -27,7 +27,7 @@ _TARGETS = {
 _TARGETS_OUT = {Target.IMAGE: search_pb2.TARGET_IMAGE, Target.CAPTION: search_pb2.TARGET_CAPTION,
                 Target.HYBRID: search_pb2.TARGET_HYBRID}
 _STATUS = {ItemStatus.STORED: search_pb2.ITEM_STATUS_STORED, ItemStatus.UNCHANGED: search_pb2.ITEM_STATUS_UNCHANGED,
-           ItemStatus.FAILED: search_pb2.ITEM_STATUS_FAILED}
+           ItemStatus.FAILED: search_pb2.ITEM_STATUS_FAILED, ItemStatus.DUPLICATE: search_pb2.ITEM_STATUS_DUPLICATE}
 MAX_IDS = 1000
 
 
@@ -160,5 +160,6 @@ def _outcome(o: Outcome) -> search_pb2.ItemOutcome:
 
 def _progress(p: Progress) -> search_pb2.IngestProgress:
     return search_pb2.IngestProgress(
-        received=p.received, stored=p.stored, unchanged=p.unchanged, failed=p.failed, in_flight=p.in_flight
+        received=p.received, stored=p.stored, unchanged=p.unchanged, failed=p.failed, in_flight=p.in_flight,
+        duplicate=p.duplicate,
     )
