@@ -82,6 +82,26 @@ class _MilvusLiteUnimplemented(logging.Filter):
 _MILVUS_LITE_NOISE = _MilvusLiteUnimplemented()
 
 
+def milvus_tls_kwargs(settings: SearchSettings) -> dict[str, Any]:
+    """pymilvus' TLS arguments from SEARCH_MILVUS_TLS__* (and an https:// URI).
+
+    pymilvus names them after Milvus' server-side files: `server_pem_path` is the root
+    certificate that verifies the server (one-way TLS, tlsMode 1); a client certificate
+    (tlsMode 2) goes as `client_pem_path` + `client_key_path` with the CA in `ca_pem_path`.
+    """
+    tls = settings.milvus_tls
+    if not (tls.enabled or settings.milvus_uri.lower().startswith("https://")):
+        return {}
+    kwargs: dict[str, Any] = {"secure": True}
+    if tls.cert_file is not None and tls.key_file is not None and tls.ca_file is not None:
+        kwargs.update(client_pem_path=str(tls.cert_file), client_key_path=str(tls.key_file), ca_pem_path=str(tls.ca_file))
+    elif tls.ca_file is not None:
+        kwargs["server_pem_path"] = str(tls.ca_file)
+    if tls.server_name_override:
+        kwargs["server_name"] = tls.server_name_override
+    return kwargs
+
+
 class MilvusStore:
     def __init__(self, settings: SearchSettings) -> None:
         self.settings = settings
@@ -109,7 +129,8 @@ class MilvusStore:
                     # our own services run grpc.aio, which logs elsewhere.
                     logging.getLogger("grpc._server").addFilter(_MILVUS_LITE_NOISE)
                 self._client = MilvusClient(
-                    uri=uri, token=token, db_name=self.settings.milvus_db_name, timeout=self.settings.milvus_timeout_s
+                    uri=uri, token=token, db_name=self.settings.milvus_db_name, timeout=self.settings.milvus_timeout_s,
+                    **({} if self.mode == "embedded" else milvus_tls_kwargs(self.settings)),
                 )
             return self._client
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ClientTlsSettings, ServerSettings
@@ -19,7 +19,12 @@ class SearchSettings(ServerSettings):
     # A file path (embedded Milvus Lite) or a server address such as http://milvus:19530.
     milvus_uri: str = "./var/mmsearch.db"
     milvus_token: SecretStr | None = None
+    # Milvus database (created by an administrator); empty: Milvus' "default" database.
     milvus_db_name: str = ""
+    # TLS toward a Milvus server (its proxy with common.security.tlsMode 1 or 2). On with
+    # `enabled` or an https:// URI; `ca_file` verifies the server (system roots if unset),
+    # `cert_file` + `key_file` (with `ca_file`) add a client certificate for tlsMode 2.
+    milvus_tls: ClientTlsSettings = Field(default_factory=ClientTlsSettings)
     collection: str = "mmsearch"
     index_type: Literal["HNSW", "IVF_FLAT", "FLAT", "AUTOINDEX"] = "HNSW"
     metric_type: Literal["COSINE", "IP", "L2"] = "COSINE"
@@ -67,3 +72,14 @@ class SearchSettings(ServerSettings):
     hybrid_candidates: int = 256
     max_concurrent_searches: int = 64
     max_waiting_searches: int = 256
+
+    @model_validator(mode="after")
+    def _milvus_tls_complete(self) -> SearchSettings:
+        # pymilvus uses a client certificate only together with a CA file, and ignores a
+        # lone certificate or key without a word: refuse such settings at start-up instead.
+        tls = self.milvus_tls
+        if (tls.cert_file is None) != (tls.key_file is None):
+            raise ValueError("SEARCH_MILVUS_TLS__CERT_FILE and SEARCH_MILVUS_TLS__KEY_FILE go together")
+        if tls.cert_file is not None and tls.ca_file is None:
+            raise ValueError("SEARCH_MILVUS_TLS__CERT_FILE (a client certificate) needs SEARCH_MILVUS_TLS__CA_FILE")
+        return self
