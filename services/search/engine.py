@@ -14,7 +14,7 @@ from services.common.convert import Content, ComposedContent, ImageContent, Text
 from services.common.errors import DeadlineExceeded, InvalidInput
 from services.common.intake import ImageIntake, ImageRef
 from services.search import fields as F
-from services.search.metrics import SEARCH_SECONDS
+from services.search.metrics import SEARCH_SECONDS, SEARCH_STAGE_SECONDS
 from services.search.milvus_store import MilvusStore, RawHit
 from services.search.settings import SearchSettings
 from services.search.upstreams import EmbedderClient
@@ -148,7 +148,10 @@ class SearchEngine:
                 anns = F.IMAGE_VECTOR if q.target is Target.IMAGE else F.CAPTION_VECTOR
                 raw = await self.store.search(vector, anns, top_k, q.offset, expr, milvus_fields)
             done = time.perf_counter()
-        SEARCH_SECONDS.labels(mode_label(q)).observe(done - start)
+        mode = mode_label(q)
+        SEARCH_SECONDS.labels(mode).observe(done - start)
+        SEARCH_STAGE_SECONDS.labels(mode, "embed").observe(embedded - start)
+        SEARCH_STAGE_SECONDS.labels(mode, "milvus").observe(done - embedded)
         hits = [self._hit(q.offset + i + 1, h, names) for i, h in enumerate(raw[:top_k])]
         total_ms = (time.perf_counter() - entered) * 1000
         return SearchResult(hits, q.target, (embedded - start) * 1000, (done - embedded) * 1000, total_ms)

@@ -13,3 +13,8 @@ INGEST_STAGE_SECONDS = Histogram(
 INGEST_IN_FLIGHT = Gauge("search_ingest_in_flight_items", "Items received but without an outcome yet.")
 MILVUS_SECONDS = Histogram("search_milvus_seconds", "Milvus operation latency.", ["op"], buckets=_FAST)
 SEARCH_SECONDS = Histogram("search_query_seconds", "Search latency by mode.", ["mode"], buckets=_FAST)
+# The two hops of one query, per mode: "embed" (the query's Embed call; 0 for vector
+# queries) and "milvus" (the vector search), so a slow mode shows which hop is slow.
+SEARCH_STAGE_SECONDS = Histogram(
+    "search_query_stage_seconds", "Search time per mode and stage (embed, milvus).", ["mode", "stage"], buckets=_FAST
+)
