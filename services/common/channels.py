@@ -29,6 +29,11 @@ def create_channel(
         ("grpc.enable_retries", 1),
         ("grpc.service_config", retry_service_config(retry_attempts, round_robin=True)),
         ("grpc.keepalive_time_ms", 30_000),
+        # Reconnect soon after an upstream comes back: gRPC's default backoff grows to
+        # 120 s, so an embedder down for a minute would stay "unreachable" for minutes more.
+        ("grpc.initial_reconnect_backoff_ms", 250),
+        ("grpc.min_reconnect_backoff_ms", 250),
+        ("grpc.max_reconnect_backoff_ms", 2_000),
     ]
     creds = channel_credentials(tls) if tls else None
     if creds is None:

@@ -48,7 +48,10 @@ class GrpcApp:
 
     `register` adds servicers to the server; `on_start` loads models or opens
     connections (health stays NOT_SERVING until it returns); `readiness` is polled every
-    `readiness_interval_s` and drives health (e.g. Milvus reachable, model not failed);
+    `readiness_interval_s` and drives health (e.g. Milvus reachable, model not failed).
+    It returns a bool (the overall status: `""` and every service name) or a mapping of
+    health names to bools: `""` in it is the overall status, every other key is published
+    as its own health name (per-capability health, e.g. search's "can text search");
     `on_stop` runs after the server has drained; `request_decoders` (full method name ->
     decoder) replace generated request parsers (see `ErrorMappingInterceptor`).
     """
@@ -58,7 +61,7 @@ class GrpcApp:
     register: Callable[[grpc.aio.Server], None]
     on_start: Callable[[], Awaitable[None]] = _nothing
     on_stop: Callable[[], Awaitable[None]] = _nothing
-    readiness: Callable[[], Awaitable[bool]] = _always_ready
+    readiness: Callable[[], Awaitable[bool | Mapping[str, bool]]] = _always_ready
     readiness_interval_s: float = 1.0
     request_decoders: Mapping[str, Callable[[bytes], Any]] = field(default_factory=dict)
 
@@ -84,6 +87,9 @@ class RunningServer:
         for name in ("", *self.app.service_names):
             await self.health.set(name, status)
 
+    async def set_health(self, name: str, serving: bool) -> None:
+        await self.health.set(name, SERVING if serving else NOT_SERVING)
+
     async def stop(self, grace_s: float) -> None:
         """NOT_SERVING first (so load balancers drain us), then wait for in-flight calls."""
         for task in self._tasks:
@@ -99,16 +105,24 @@ class RunningServer:
 
 async def _watch_readiness(running: RunningServer) -> None:
     app, last = running.app, None
+    last_names: dict[str, bool] = {}
     while True:
         try:
-            ready = await asyncio.wait_for(app.readiness(), timeout=max(app.readiness_interval_s, 1.0) * 5)
+            verdict = await asyncio.wait_for(app.readiness(), timeout=max(app.readiness_interval_s, 1.0) * 5)
         except Exception as e:  # noqa: BLE001 - a failing probe means not ready, never a dead loop
             log.warning("readiness probe failed", app=app.name, error=str(e))
-            ready = False
+            verdict = {name: False for name in ("", *last_names)}
+        names = dict(verdict) if not isinstance(verdict, bool) else {"": verdict}
+        ready = bool(names.pop("", False))
         if ready != last:
             await running.set_serving(ready)
             log.info("health changed", app=app.name, serving=ready)
             last = ready
+        for name, serving in names.items():
+            if last_names.get(name) != serving:
+                await running.set_health(name, serving)
+                log.info("health changed", app=app.name, capability=name, serving=serving)
+        last_names.update(names)
         running._first_verdict.set()
         await asyncio.sleep(app.readiness_interval_s)
 

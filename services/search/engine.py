@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -11,7 +12,7 @@ import numpy as np
 
 from services.common.admission import AdmissionLimiter
 from services.common.convert import Content, ComposedContent, ImageContent, TextContent
-from services.common.errors import DeadlineExceeded, InvalidInput
+from services.common.errors import DeadlineExceeded, FailedPrecondition, InvalidInput
 from services.common.intake import ImageIntake, ImageRef
 from services.search import fields as F
 from services.search.metrics import SEARCH_SECONDS, SEARCH_STAGE_SECONDS
@@ -70,16 +71,27 @@ def mode_label(query: SearchQuery) -> str:
     return f"{kind}->{query.target.value}"
 
 
+def _no_gate() -> None:
+    return None
+
+
 class SearchEngine:
+    """`embedder_gate` raises when queries cannot be embedded now (embedder unreachable, or
+    not bound to the collection's model yet): such calls fail at once, before taking an
+    admission slot. `bound_model_id` is the model the collection was built by ("" while
+    unknown); query_vector searches need only Milvus (the collection gives the dimension).
+    """
+
     def __init__(
         self, settings: SearchSettings, store: MilvusStore, embedder: EmbedderClient, intake: ImageIntake,
-        dimension: int,
+        embedder_gate: Callable[[], None] = _no_gate, bound_model_id: Callable[[], str] = lambda: "",
     ) -> None:
         self.settings = settings
         self.store = store
         self.embedder = embedder
         self.intake = intake
-        self.dimension = dimension
+        self.embedder_gate = embedder_gate
+        self.bound_model_id = bound_model_id
         self.limiter = AdmissionLimiter(settings.max_concurrent_searches, settings.max_waiting_searches, "searches")
 
     def _validate(self, q: SearchQuery) -> tuple[int, list[str], str]:
@@ -111,7 +123,7 @@ class SearchEngine:
 
     async def _query_vector(self, q: SearchQuery, deadline: float | None = None) -> np.ndarray:
         if q.vector is not None:
-            return check_vector(q.vector, self.dimension)
+            return check_vector(q.vector, (await self.store.require()).dimension)
         content = q.content
         assert content is not None
         # Fetch URIs here (under our file-root / SSRF rules) and send bytes upstream.
@@ -125,7 +137,10 @@ class SearchEngine:
         remaining = None if deadline is None else deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
             raise DeadlineExceeded("the Search call's deadline passed before the query was embedded")
-        vectors, _model = await self.embedder.embed([content], timeout_s=remaining)
+        vectors, model = await self.embedder.embed([content], timeout_s=remaining)
+        bound = self.bound_model_id()
+        if bound and model != bound:
+            raise FailedPrecondition(f"embedder now serves {model!r}, the collection was built by {bound!r}")
         return vectors[0]
 
     async def search(self, q: SearchQuery, time_remaining_s: float | None = None) -> SearchResult:
@@ -134,11 +149,14 @@ class SearchEngine:
         entered = time.perf_counter()
         top_k, names, expr = self._validate(q)
         deadline = None if time_remaining_s is None else time.monotonic() + time_remaining_s
+        if q.content is not None:
+            self.embedder_gate()  # fail fast, holding no admission slot
         async with self.limiter.admit():
             start = time.perf_counter()
             vector = await self._query_vector(q, deadline)
             embedded = time.perf_counter()
-            milvus_fields = [F.OUTPUT_FIELDS[n] for n in names]
+            milvus_fields = [F.OUTPUT_FIELDS[n] for n in names
+                             if n != F.CAPTION_PENDING or self.store.pending_supported]
             if q.target is Target.HYBRID:
                 weights = (q.fusion.image_weight, q.fusion.caption_weight) if q.fusion.weighted else None
                 raw = await self.store.hybrid_search(

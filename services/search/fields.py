@@ -10,6 +10,7 @@ OUTPUT_FIELDS: dict[str, str] = {
     "embedder_model_id": "embedder_model_id",
     "captioner_model_id": "captioner_model_id",
     "ingested_at": "ingested_at_ms",
+    "caption_pending": "caption_pending",
 }
 IMAGE_VECTOR = "image_vector"
 CAPTION_VECTOR = "caption_vector"
@@ -18,3 +19,6 @@ MAX_URI_CHARS = 2048
 MAX_CAPTION_CHARS = 4096
 MAX_KEYWORDS = 32
 MAX_KEYWORD_CHARS = 128
+# A BOOL field: the caption is deferred (the captioner failed); filterable
+# (`caption_pending == true`). Absent from collections made before deferred captions.
+CAPTION_PENDING = "caption_pending"

@@ -29,7 +29,18 @@ T = TypeVar("T")
 
 PROP_MODEL = "mmsearch.embedder_model_id"
 PROP_DIM = "mmsearch.dimension"
-SCALAR_FIELDS = ["id", "content_sha256", "fingerprint", *F.OUTPUT_FIELDS.values()]
+SCALAR_FIELDS = ["id", "content_sha256", "fingerprint", *(f for f in F.OUTPUT_FIELDS.values() if f != F.CAPTION_PENDING)]
+
+
+@dataclass(frozen=True)
+class CollectionInfo:
+    """What the collection records about itself."""
+
+    model_id: str
+    dimension: int
+    # Collections created before deferred captions have no `caption_pending` field (and
+    # Milvus Lite cannot add one): their rows are all "not pending" and Ingest cannot defer.
+    has_caption_pending: bool
 
 
 @dataclass(frozen=True)
@@ -48,6 +59,9 @@ class StoredRow:
     ingested_at_ms: int
     image_vector: np.ndarray
     caption_vector: np.ndarray
+    # The caption is still to be made (deferred): `caption_vector` is a placeholder (the
+    # image vector, never searched: caption legs exclude pending rows).
+    caption_pending: bool = False
 
 
 @dataclass(frozen=True)
@@ -109,6 +123,8 @@ class MilvusStore:
         self._client: MilvusClient | None = None
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=settings.milvus_threads, thread_name_prefix="milvus")
+        # Learnt from the collection (or set when creating it); None until it exists.
+        self.info: CollectionInfo | None = None
 
     @property
     def mode(self) -> str:
@@ -218,6 +234,49 @@ class MilvusStore:
 
         return await self._call("ping", run)
 
+    def _describe(self, c: MilvusClient) -> CollectionInfo | None:
+        if not c.has_collection(self.collection):
+            return None
+        described = c.describe_collection(self.collection)
+        props = described.get("properties", {}) or {}
+        names = {f.get("name") for f in described.get("fields", [])}
+        dim = props.get(PROP_DIM)
+        return CollectionInfo(str(props.get(PROP_MODEL) or ""), int(dim) if str(dim or "").isdigit() else 0,
+                              F.CAPTION_PENDING in names)
+
+    async def describe(self) -> CollectionInfo | None:
+        """The collection's model, dimension and fields; None while it does not exist."""
+        info = await self._call("describe", self._describe)
+        if info is not None:
+            self.info = info
+        return info
+
+    async def require(self) -> CollectionInfo:
+        """The collection's info, or UNAVAILABLE while it does not exist yet."""
+        if self.info is not None:
+            return self.info
+        info = await self.describe()
+        if info is None:
+            raise Unavailable(
+                f"collection {self.collection!r} does not exist yet: it is created when the embedder first "
+                "answers (its model and dimension define it)"
+            )
+        return info
+
+    @property
+    def pending_supported(self) -> bool:
+        return self.info is not None and self.info.has_caption_pending
+
+    def scalar_fields(self) -> list[str]:
+        return SCALAR_FIELDS + ([F.CAPTION_PENDING] if self.pending_supported else [])
+
+    def caption_filter(self, filter_expr: str) -> str:
+        """`filter_expr` restricted to rows whose caption vector is real (not pending)."""
+        if not self.pending_supported:
+            return filter_expr
+        own = f"{F.CAPTION_PENDING} == false"
+        return f"({filter_expr}) and {own}" if filter_expr else own
+
     async def ensure_collection(self, model_id: str, dimension: int) -> None:
         """Creates the collection, or checks that it was built by this embedding model."""
 
@@ -249,6 +308,7 @@ class MilvusStore:
             schema.add_field("embedder_model_id", DataType.VARCHAR, max_length=256)
             schema.add_field("captioner_model_id", DataType.VARCHAR, max_length=256)
             schema.add_field("ingested_at_ms", DataType.INT64)
+            schema.add_field(F.CAPTION_PENDING, DataType.BOOL)
             schema.add_field(F.IMAGE_VECTOR, DataType.FLOAT_VECTOR, dim=dimension)
             schema.add_field(F.CAPTION_VECTOR, DataType.FLOAT_VECTOR, dim=dimension)
             index = c.prepare_index_params()
@@ -261,6 +321,7 @@ class MilvusStore:
             )
 
         await self._call("ensure_collection", run)
+        await self.describe()
 
     def _index_params(self) -> dict[str, Any]:
         s = self.settings
@@ -294,10 +355,16 @@ class MilvusStore:
         """id -> stored fingerprint, for the ids that exist."""
         if not ids:
             return {}
+        await self.require()
         rows = await self._call("get", lambda c: c.get(self.collection, ids=list(ids), output_fields=["fingerprint"]))
         return {r["id"]: r["fingerprint"] for r in rows}
 
     async def upsert(self, rows: Sequence[StoredRow]) -> None:
+        await self.require()
+        pending = self.pending_supported
+        if not pending and any(r.caption_pending for r in rows):
+            raise FailedPrecondition(
+                f"collection {self.collection!r} predates deferred captions (no {F.CAPTION_PENDING} field)")
         data = [
             {
                 "id": r.id, "content_sha256": r.content_sha256, "fingerprint": r.fingerprint, "uri": r.uri,
@@ -305,10 +372,46 @@ class MilvusStore:
                 "embedder_model_id": r.embedder_model_id, "captioner_model_id": r.captioner_model_id,
                 "ingested_at_ms": r.ingested_at_ms,
                 F.IMAGE_VECTOR: r.image_vector, F.CAPTION_VECTOR: r.caption_vector,
+                **({F.CAPTION_PENDING: r.caption_pending} if pending else {}),
             }
             for r in rows
         ]
         await self._call("upsert", lambda c: c.upsert(self.collection, data))
+
+    async def pending_ids(self, limit: int) -> list[str]:
+        """Ids of rows whose caption is pending (at most `limit`), sorted: a backfill's
+        snapshot of its work."""
+        if not self.pending_supported:
+            return []
+
+        def run(c: MilvusClient) -> list[str]:
+            it = c.query_iterator(self.collection, batch_size=1000, filter=f"{F.CAPTION_PENDING} == true",
+                                  output_fields=["id"])
+            ids: list[str] = []
+            try:
+                while len(ids) < limit:
+                    batch = it.next()
+                    if not batch:
+                        break
+                    ids += [r["id"] for r in batch]
+            finally:
+                it.close()
+            return sorted(ids)[:limit]
+
+        return await self._call("query", run)
+
+    async def rows_with_image_vector(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Stored rows with their image vector (a backfill keeps it as stored)."""
+        fields = [*self.scalar_fields(), F.IMAGE_VECTOR]
+        rows = await self._call("get", lambda c: c.get(self.collection, ids=list(ids), output_fields=fields))
+        return {r["id"]: r for r in rows}
+
+    async def count_pending(self) -> int:
+        if not self.pending_supported:
+            return 0
+        rows = await self._call("count", lambda c: c.query(
+            self.collection, filter=f"{F.CAPTION_PENDING} == true", output_fields=["count(*)"]))
+        return int(rows[0]["count(*)"])
 
     async def delete(self, ids: Sequence[str]) -> int:
         existing = await self.fingerprints(ids)
@@ -319,16 +422,23 @@ class MilvusStore:
     # --- reads --------------------------------------------------------------------------
 
     async def get(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-        rows = await self._call("get", lambda c: c.get(self.collection, ids=list(ids), output_fields=SCALAR_FIELDS))
+        await self.require()
+        fields = self.scalar_fields()
+        rows = await self._call("get", lambda c: c.get(self.collection, ids=list(ids), output_fields=fields))
         return {r["id"]: r for r in rows}
 
     async def count(self) -> int:
+        await self.require()
         rows = await self._call("count", lambda c: c.query(self.collection, filter="", output_fields=["count(*)"]))
         return int(rows[0]["count(*)"])
 
     async def search(
         self, vector: np.ndarray, field: str, top_k: int, offset: int, filter_expr: str, output_fields: list[str]
     ) -> list[RawHit]:
+        await self.require()
+        if field == F.CAPTION_VECTOR:
+            filter_expr = self.caption_filter(filter_expr)
+
         def run(c: MilvusClient) -> Any:
             return c.search(
                 self.collection, data=[vector], anns_field=field, limit=top_k, offset=offset,
@@ -345,10 +455,13 @@ class MilvusStore:
         """Searches both vector fields and fuses them in Milvus (RRF or weighted)."""
         window = offset + top_k
         candidates = max(window, self.settings.hybrid_candidates)
+        await self.require()
+        # Pending rows take part through their image vector only (no made-up caption leg).
+        exprs = {F.IMAGE_VECTOR: filter_expr, F.CAPTION_VECTOR: self.caption_filter(filter_expr)}
 
         def run(c: MilvusClient) -> Any:
             params = self._search_params(candidates)
-            reqs = [AnnSearchRequest([vector], field, params, limit=candidates, expr=filter_expr or None)
+            reqs = [AnnSearchRequest([vector], field, params, limit=candidates, expr=exprs[field] or None)
                     for field in (F.IMAGE_VECTOR, F.CAPTION_VECTOR)]
             ranker = WeightedRanker(*weights) if weights else RRFRanker(rrf_k or 60)
             return c.hybrid_search(self.collection, reqs, ranker, limit=window, output_fields=output_fields)
@@ -356,3 +469,4 @@ class MilvusStore:
         result = await self._call("hybrid_search", run, filter_expr)
         # Fused scores are already "higher is better"; pagination is applied on the fused list.
         return [RawHit(h["id"], float(h["distance"]), h.get("entity", {})) for h in result[0]][offset:]
+

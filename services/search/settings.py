@@ -45,6 +45,10 @@ class SearchSettings(ServerSettings):
     upstream_timeout_s: float = 60.0
     # gRPC-level attempts on UNAVAILABLE (exponential backoff with jitter), per call.
     upstream_attempts: int = 4
+    # Search never waits for the embedder to serve: at start-up it gives an embedder that
+    # is already up this long to be bound (model guard) before health turns SERVING, then
+    # serves Milvus-only calls and keeps binding in the background, however late it is.
+    embedder_start_wait_s: float = 5.0
 
     # --- ingest pipeline --------------------------------------------------------------
     decode_workers: int = 4

@@ -48,12 +48,18 @@ def _domain_error(who: str, e: grpc.aio.AioRpcError) -> ServiceError:
     return Unavailable(message)
 
 
-async def _serving(channel: grpc.aio.Channel, timeout_s: float) -> bool:
+async def _health(channel: grpc.aio.Channel, timeout_s: float) -> bool | None:
+    """True: SERVING; False: answers, but NOT_SERVING (e.g. one replica draining);
+    None: nothing answers (no replica reachable)."""
     try:
         reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
     except grpc.aio.AioRpcError:
-        return False
+        return None
     return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def _serving(channel: grpc.aio.Channel, timeout_s: float) -> bool:
+    return await _health(channel, timeout_s) is True
 
 
 class EmbedderClient:
@@ -90,6 +96,9 @@ class EmbedderClient:
     async def serving(self) -> bool:
         return await _serving(self._channel, 2.0)
 
+    async def health(self) -> bool | None:
+        return await _health(self._channel, 2.0)
+
     async def close(self) -> None:
         await self._channel.close()
 
@@ -121,6 +130,9 @@ class CaptionerClient:
 
     async def serving(self) -> bool:
         return await _serving(self._channel, 2.0)
+
+    async def health(self) -> bool | None:
+        return await _health(self._channel, 2.0)
 
     async def close(self) -> None:
         await self._channel.close()

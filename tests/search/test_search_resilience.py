@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,7 +16,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mmsearch.common.v1 import types_pb2
 from mmsearch.search.v1 import search_pb2, search_pb2_grpc
-from services.common.errors import FailedPrecondition
 from services.common.server import RunningServer, start_server
 from services.search.milvus_store import MilvusStore
 from services.search.settings import SearchSettings
@@ -32,10 +32,19 @@ async def captioner() -> AsyncIterator[RunningServer]:
     await server.stop(0.5)
 
 
-async def health(server: RunningServer) -> int:
+async def health(server: RunningServer, name: str = "") -> int:
     async with grpc.aio.insecure_channel(server.address) as channel:
-        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=name), timeout=2)
         return reply.status
+
+
+async def wait_name(server: RunningServer, name: str, status: int, within_s: float) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < within_s:
+        if await health(server, name) == status:
+            return time.monotonic() - start
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"health {name!r} did not become {status} within {within_s} s")
 
 
 async def wait_health(server: RunningServer, status: int, within_s: float) -> float:
@@ -77,17 +86,32 @@ async def test_embedded_milvus_lite_file_with_file_uris(captioner: RunningServer
         await embedder.stop(0.5)
 
 
-async def test_collection_built_by_another_model_is_a_clear_startup_error(captioner: RunningServer,
-                                                                          tmp_path: Path) -> None:
+async def test_collection_built_by_another_model_is_a_clear_error_not_a_crash(captioner: RunningServer,
+                                                                             tmp_path: Path) -> None:
+    """The model guard keeps the embedder unbound (text search and ingest refused with the
+    reason) while Milvus-only calls go on: a pod must not crash-loop over it."""
     uri = str(tmp_path / "guard.db")
     store = MilvusStore(SearchSettings(milvus_uri=uri, collection="guarded"))
     await store.ensure_collection("some-other-model", 512)
     await store.close()
     embedder = await start_embedder()
+    search = await start_search(uri, embedder.address, captioner.address, collection="guarded",
+                                embedder_start_wait_s=2)
     try:
-        with pytest.raises(FailedPrecondition, match="was built by embedding model 'some-other-model'.*SEARCH_COLLECTION"):
-            await start_search(uri, embedder.address, captioner.address, collection="guarded")
+        async with grpc.aio.insecure_channel(search.address) as channel:
+            assert await health(search) == health_pb2.HealthCheckResponse.SERVING
+            text_health = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="search.text"), timeout=2)
+            assert text_health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            stub = search_pb2_grpc.SearchStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Search(text_query("a cat"))
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert re.search("was built by embedding model 'some-other-model'.*SEARCH_COLLECTION", err.value.details())
+            stats = await stub.Stats(search_pb2.StatsRequest())
+            assert stats.embedder_model_id == "some-other-model" and stats.dimension == 512
     finally:
+        await search.stop(0.5)
         await embedder.stop(0.5)
 
 
@@ -124,15 +148,17 @@ async def test_embedder_killed_mid_ingest_then_rerun_stores_each_item_once(
             for o in failed:
                 assert o.error.code == grpc.StatusCode.UNAVAILABLE.value[0]
                 assert "embedding failed" in o.error.message and "embedder" in o.error.message
-            # Health follows the upstream: NOT_SERVING while it is down.
-            await wait_health(search, health_pb2.HealthCheckResponse.NOT_SERVING, 5)
+            # The "search.text" / "ingest" capabilities follow the upstream: NOT_SERVING while
+            # it is down; the overall health (Milvus) stays SERVING.
+            await wait_name(search, "ingest", health_pb2.HealthCheckResponse.NOT_SERVING, 5)
+            assert await health(search) == health_pb2.HealthCheckResponse.SERVING
 
             from services.embedder.app import create_app
             from services.embedder.settings import EmbedderSettings
 
             settings = EmbedderSettings(host="127.0.0.1", grpc_port=port, metrics_port=-1)
             embedder = await start_server(settings, create_app(settings))
-            recovered_s = await wait_health(search, health_pb2.HealthCheckResponse.SERVING, 10)
+            recovered_s = await wait_name(search, "ingest", health_pb2.HealthCheckResponse.SERVING, 10)
             assert recovered_s < 10
 
             again, progress = await ingest(stub, items)
