@@ -44,6 +44,14 @@ class _ItemStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ItemStatus
     index. Retrying the same stream gives the same outcome; to replace an item's
     content, send the new version in a later stream (it is stored over the old one).
     """
+    ITEM_STATUS_DEFERRED: _ItemStatus.ValueType  # 5
+    """Stored without a caption: captioning failed after the server's own retries and
+    the server is configured to defer (SEARCH_ON_CAPTION_FAILURE=defer). The item has
+    its image vector, is searchable by image at once (TARGET_IMAGE, and the image leg
+    of TARGET_HYBRID), never appears in caption searches until captioned, and is
+    marked `caption_pending` (filterable: `caption_pending == true`). `error` is the
+    caption failure. `Backfill` captions it later.
+    """
 
 class ItemStatus(_ItemStatus, metaclass=_ItemStatusEnumTypeWrapper):
     """What happened to one item."""
@@ -62,6 +70,14 @@ stream order wins, whatever order the server finishes items in; every later item
 with that id gets DUPLICATE and `error` (ALREADY_EXISTS) names the earlier item's
 index. Retrying the same stream gives the same outcome; to replace an item's
 content, send the new version in a later stream (it is stored over the old one).
+"""
+ITEM_STATUS_DEFERRED: ItemStatus.ValueType  # 5
+"""Stored without a caption: captioning failed after the server's own retries and
+the server is configured to defer (SEARCH_ON_CAPTION_FAILURE=defer). The item has
+its image vector, is searchable by image at once (TARGET_IMAGE, and the image leg
+of TARGET_HYBRID), never appears in caption searches until captioned, and is
+marked `caption_pending` (filterable: `caption_pending == true`). `error` is the
+caption failure. `Backfill` captions it later.
 """
 Global___ItemStatus: _TypeAlias = ItemStatus  # noqa: Y015
 
@@ -115,6 +131,32 @@ FUSION_METHOD_RRF: FusionMethod.ValueType  # 1
 FUSION_METHOD_WEIGHTED: FusionMethod.ValueType  # 2
 """Weighted sum of the per-field similarity scores."""
 Global___FusionMethod: _TypeAlias = FusionMethod  # noqa: Y015
+
+class _BackfillStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BackfillStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BackfillStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BACKFILL_STATUS_UNSPECIFIED: _BackfillStatus.ValueType  # 0
+    BACKFILL_STATUS_CAPTIONED: _BackfillStatus.ValueType  # 1
+    """Captioned and its caption embedded; no longer pending."""
+    BACKFILL_STATUS_FAILED: _BackfillStatus.ValueType  # 2
+    """Still pending; `error` says why (e.g. its image cannot be read again). Safe to retry."""
+    BACKFILL_STATUS_SKIPPED: _BackfillStatus.ValueType  # 3
+    """No longer pending when its turn came (captioned by a re-ingest or deleted)."""
+
+class BackfillStatus(_BackfillStatus, metaclass=_BackfillStatusEnumTypeWrapper):
+    """What happened to one pending item."""
+
+BACKFILL_STATUS_UNSPECIFIED: BackfillStatus.ValueType  # 0
+BACKFILL_STATUS_CAPTIONED: BackfillStatus.ValueType  # 1
+"""Captioned and its caption embedded; no longer pending."""
+BACKFILL_STATUS_FAILED: BackfillStatus.ValueType  # 2
+"""Still pending; `error` says why (e.g. its image cannot be read again). Safe to retry."""
+BACKFILL_STATUS_SKIPPED: BackfillStatus.ValueType  # 3
+"""No longer pending when its turn came (captioned by a re-ingest or deleted)."""
+Global___BackfillStatus: _TypeAlias = BackfillStatus  # noqa: Y015
 
 @_typing.final
 class CaptionInput(_message.Message):
@@ -230,7 +272,7 @@ class ItemOutcome(_message.Message):
     status: Global___ItemStatus.ValueType
     @_builtins.property
     def error(self) -> _types_pb2.ItemError:
-        """Set when status is FAILED or DUPLICATE."""
+        """Set when status is FAILED or DUPLICATE, and for DEFERRED (the caption failure)."""
 
     def __init__(
         self,
@@ -260,6 +302,7 @@ class IngestProgress(_message.Message):
     FAILED_FIELD_NUMBER: _builtins.int
     IN_FLIGHT_FIELD_NUMBER: _builtins.int
     DUPLICATE_FIELD_NUMBER: _builtins.int
+    DEFERRED_FIELD_NUMBER: _builtins.int
     received: _builtins.int
     """Items received so far."""
     stored: _builtins.int
@@ -269,6 +312,8 @@ class IngestProgress(_message.Message):
     """Items received but without an outcome yet."""
     duplicate: _builtins.int
     """Items refused because an earlier item of the stream has the same id (DUPLICATE)."""
+    deferred: _builtins.int
+    """Items stored with their caption pending (DEFERRED)."""
     def __init__(
         self,
         *,
@@ -278,10 +323,11 @@ class IngestProgress(_message.Message):
         failed: _builtins.int = ...,
         in_flight: _builtins.int = ...,
         duplicate: _builtins.int = ...,
+        deferred: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate", b"duplicate", "failed", b"failed", "in_flight", b"in_flight", "received", b"received", "stored", b"stored", "unchanged", b"unchanged"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deferred", b"deferred", "duplicate", b"duplicate", "failed", b"failed", "in_flight", b"in_flight", "received", b"received", "stored", b"stored", "unchanged", b"unchanged"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -432,6 +478,7 @@ class Hit(_message.Message):
     EMBEDDER_MODEL_ID_FIELD_NUMBER: _builtins.int
     CAPTIONER_MODEL_ID_FIELD_NUMBER: _builtins.int
     INGESTED_AT_FIELD_NUMBER: _builtins.int
+    CAPTION_PENDING_FIELD_NUMBER: _builtins.int
     rank: _builtins.int
     """1-based rank within the whole result list (offset included)."""
     id: _builtins.str
@@ -445,6 +492,8 @@ class Hit(_message.Message):
     """The stored metadata JSON object."""
     embedder_model_id: _builtins.str
     captioner_model_id: _builtins.str
+    caption_pending: _builtins.bool
+    """The caption is still to be made (DEFERRED at ingest): `caption` is empty."""
     @_builtins.property
     def keywords(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -462,10 +511,11 @@ class Hit(_message.Message):
         embedder_model_id: _builtins.str = ...,
         captioner_model_id: _builtins.str = ...,
         ingested_at: _timestamp_pb2.Timestamp | None = ...,
+        caption_pending: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ingested_at", b"ingested_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["caption", b"caption", "captioner_model_id", b"captioner_model_id", "embedder_model_id", b"embedder_model_id", "id", b"id", "ingested_at", b"ingested_at", "keywords", b"keywords", "metadata_json", b"metadata_json", "rank", b"rank", "score", b"score", "uri", b"uri"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caption", b"caption", "caption_pending", b"caption_pending", "captioner_model_id", b"captioner_model_id", "embedder_model_id", b"embedder_model_id", "id", b"id", "ingested_at", b"ingested_at", "keywords", b"keywords", "metadata_json", b"metadata_json", "rank", b"rank", "score", b"score", "uri", b"uri"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -544,6 +594,7 @@ class Record(_message.Message):
     CAPTIONER_MODEL_ID_FIELD_NUMBER: _builtins.int
     INGESTED_AT_FIELD_NUMBER: _builtins.int
     CONTENT_SHA256_FIELD_NUMBER: _builtins.int
+    CAPTION_PENDING_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     uri: _builtins.str
     caption: _builtins.str
@@ -552,6 +603,8 @@ class Record(_message.Message):
     captioner_model_id: _builtins.str
     content_sha256: _builtins.str
     """SHA-256 hex digest of the image bytes."""
+    caption_pending: _builtins.bool
+    """The caption is still to be made (DEFERRED at ingest): `caption` is empty."""
     @_builtins.property
     def keywords(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -568,10 +621,11 @@ class Record(_message.Message):
         captioner_model_id: _builtins.str = ...,
         ingested_at: _timestamp_pb2.Timestamp | None = ...,
         content_sha256: _builtins.str = ...,
+        caption_pending: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ingested_at", b"ingested_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["caption", b"caption", "captioner_model_id", b"captioner_model_id", "content_sha256", b"content_sha256", "embedder_model_id", b"embedder_model_id", "id", b"id", "ingested_at", b"ingested_at", "keywords", b"keywords", "metadata_json", b"metadata_json", "uri", b"uri"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caption", b"caption", "caption_pending", b"caption_pending", "captioner_model_id", b"captioner_model_id", "content_sha256", b"content_sha256", "embedder_model_id", b"embedder_model_id", "id", b"id", "ingested_at", b"ingested_at", "keywords", b"keywords", "metadata_json", b"metadata_json", "uri", b"uri"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -696,6 +750,7 @@ class StatsResponse(_message.Message):
     INDEX_TYPE_FIELD_NUMBER: _builtins.int
     METRIC_TYPE_FIELD_NUMBER: _builtins.int
     MILVUS_MODE_FIELD_NUMBER: _builtins.int
+    CAPTION_PENDING_COUNT_FIELD_NUMBER: _builtins.int
     collection: _builtins.str
     """Milvus collection name."""
     item_count: _builtins.int
@@ -710,6 +765,8 @@ class StatsResponse(_message.Message):
     metric_type: _builtins.str
     milvus_mode: _builtins.str
     """"embedded" (Milvus Lite file) or "server"."""
+    caption_pending_count: _builtins.int
+    """Items whose caption is pending (see `Backfill`)."""
     def __init__(
         self,
         *,
@@ -721,11 +778,125 @@ class StatsResponse(_message.Message):
         index_type: _builtins.str = ...,
         metric_type: _builtins.str = ...,
         milvus_mode: _builtins.str = ...,
+        caption_pending_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["captioner_model_id", b"captioner_model_id", "collection", b"collection", "dimension", b"dimension", "embedder_model_id", b"embedder_model_id", "index_type", b"index_type", "item_count", b"item_count", "metric_type", b"metric_type", "milvus_mode", b"milvus_mode"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caption_pending_count", b"caption_pending_count", "captioner_model_id", b"captioner_model_id", "collection", b"collection", "dimension", b"dimension", "embedder_model_id", b"embedder_model_id", "index_type", b"index_type", "item_count", b"item_count", "metric_type", b"metric_type", "milvus_mode", b"milvus_mode"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatsResponse: _TypeAlias = StatsResponse  # noqa: Y015
+
+@_typing.final
+class BackfillRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_ITEMS_FIELD_NUMBER: _builtins.int
+    MAX_ITEMS_PER_S_FIELD_NUMBER: _builtins.int
+    max_items: _builtins.int
+    """At most this many pending items (in id order); 0 means all of them."""
+    max_items_per_s: _builtins.float
+    """Pace: items started per second, at most the server's
+    SEARCH_BACKFILL_MAX_ITEMS_PER_S; 0 means that server limit.
+    """
+    def __init__(
+        self,
+        *,
+        max_items: _builtins.int = ...,
+        max_items_per_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_items", b"max_items", "max_items_per_s", b"max_items_per_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BackfillRequest: _TypeAlias = BackfillRequest  # noqa: Y015
+
+@_typing.final
+class BackfillOutcome(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    status: Global___BackfillStatus.ValueType
+    @_builtins.property
+    def error(self) -> _types_pb2.ItemError:
+        """Set when status is FAILED."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        status: Global___BackfillStatus.ValueType = ...,
+        error: _types_pb2.ItemError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "id", b"id", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BackfillOutcome: _TypeAlias = BackfillOutcome  # noqa: Y015
+
+@_typing.final
+class BackfillProgress(_message.Message):
+    """Running totals for the whole call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOTAL_FIELD_NUMBER: _builtins.int
+    CAPTIONED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
+    total: _builtins.int
+    """Pending items this call works on (its snapshot, bounded by `max_items`)."""
+    captioned: _builtins.int
+    failed: _builtins.int
+    skipped: _builtins.int
+    def __init__(
+        self,
+        *,
+        total: _builtins.int = ...,
+        captioned: _builtins.int = ...,
+        failed: _builtins.int = ...,
+        skipped: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["captioned", b"captioned", "failed", b"failed", "skipped", b"skipped", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BackfillProgress: _TypeAlias = BackfillProgress  # noqa: Y015
+
+@_typing.final
+class BackfillResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTCOMES_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def outcomes(self) -> _containers.RepeatedCompositeFieldContainer[Global___BackfillOutcome]:
+        """Outcomes decided since the previous response."""
+
+    @_builtins.property
+    def progress(self) -> Global___BackfillProgress:
+        """Totals after these outcomes."""
+
+    def __init__(
+        self,
+        *,
+        outcomes: _abc.Iterable[Global___BackfillOutcome] | None = ...,
+        progress: Global___BackfillProgress | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["progress", b"progress"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcomes", b"outcomes", "progress", b"progress"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BackfillResponse: _TypeAlias = BackfillResponse  # noqa: Y015

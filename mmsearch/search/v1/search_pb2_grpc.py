@@ -71,6 +71,11 @@ class SearchStub:
                 request_serializer=mmsearch_dot_search_dot_v1_dot_search__pb2.StatsRequest.SerializeToString,
                 response_deserializer=mmsearch_dot_search_dot_v1_dot_search__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.Backfill = channel.unary_stream(
+                '/mmsearch.search.v1.Search/Backfill',
+                request_serializer=mmsearch_dot_search_dot_v1_dot_search__pb2.BackfillRequest.SerializeToString,
+                response_deserializer=mmsearch_dot_search_dot_v1_dot_search__pb2.BackfillResponse.FromString,
+                _registered_method=True)
 
 
 class SearchServicer:
@@ -127,6 +132,18 @@ class SearchServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Backfill(self, request, context):
+        """Captions the items whose caption is pending (DEFERRED by Ingest) and embeds the
+        captions, keeping each item's stored image vector. Streams one outcome per item and
+        running totals. Resumable and idempotent: it works on the items pending when it
+        starts, so re-running after an interruption continues with what is left, and an item
+        captioned meanwhile is skipped. Paced by `max_items_per_s`; one backfill at a time
+        per server (a second call is ABORTED). Needs the captioner and the embedder.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SearchServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -154,6 +171,11 @@ def add_SearchServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=mmsearch_dot_search_dot_v1_dot_search__pb2.StatsRequest.FromString,
                     response_serializer=mmsearch_dot_search_dot_v1_dot_search__pb2.StatsResponse.SerializeToString,
+            ),
+            'Backfill': grpc.unary_stream_rpc_method_handler(
+                    servicer.Backfill,
+                    request_deserializer=mmsearch_dot_search_dot_v1_dot_search__pb2.BackfillRequest.FromString,
+                    response_serializer=mmsearch_dot_search_dot_v1_dot_search__pb2.BackfillResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -303,6 +325,33 @@ class Search:
             '/mmsearch.search.v1.Search/Stats',
             mmsearch_dot_search_dot_v1_dot_search__pb2.StatsRequest.SerializeToString,
             mmsearch_dot_search_dot_v1_dot_search__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Backfill(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mmsearch.search.v1.Search/Backfill',
+            mmsearch_dot_search_dot_v1_dot_search__pb2.BackfillRequest.SerializeToString,
+            mmsearch_dot_search_dot_v1_dot_search__pb2.BackfillResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -62,6 +62,14 @@ class SearchStub:
     """Deletes stored items by id."""
     Stats: _grpc.UnaryUnaryMultiCallable[_search_pb2.StatsRequest, _search_pb2.StatsResponse]
     """Describes the collection."""
+    Backfill: _grpc.UnaryStreamMultiCallable[_search_pb2.BackfillRequest, _search_pb2.BackfillResponse]
+    """Captions the items whose caption is pending (DEFERRED by Ingest) and embeds the
+    captions, keeping each item's stored image vector. Streams one outcome per item and
+    running totals. Resumable and idempotent: it works on the items pending when it
+    starts, so re-running after an interruption continues with what is left, and an item
+    captioned meanwhile is skipped. Paced by `max_items_per_s`; one backfill at a time
+    per server (a second call is ABORTED). Needs the captioner and the embedder.
+    """
 
 @_typing.type_check_only
 class SearchAsyncStub(SearchStub):
@@ -95,6 +103,14 @@ class SearchAsyncStub(SearchStub):
     """Deletes stored items by id."""
     Stats: _aio.UnaryUnaryMultiCallable[_search_pb2.StatsRequest, _search_pb2.StatsResponse]  # type: ignore[assignment]
     """Describes the collection."""
+    Backfill: _aio.UnaryStreamMultiCallable[_search_pb2.BackfillRequest, _search_pb2.BackfillResponse]  # type: ignore[assignment]
+    """Captions the items whose caption is pending (DEFERRED by Ingest) and embeds the
+    captions, keeping each item's stored image vector. Streams one outcome per item and
+    running totals. Resumable and idempotent: it works on the items pending when it
+    starts, so re-running after an interruption continues with what is left, and an item
+    captioned meanwhile is skipped. Paced by `max_items_per_s`; one backfill at a time
+    per server (a second call is ABORTED). Needs the captioner and the embedder.
+    """
 
 class SearchServicer(metaclass=_abc_1.ABCMeta):
     """Errors (gRPC status codes):
@@ -155,5 +171,19 @@ class SearchServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_search_pb2.StatsResponse, _abc.Awaitable[_search_pb2.StatsResponse]]:
         """Describes the collection."""
+
+    @_abc_1.abstractmethod
+    def Backfill(
+        self,
+        request: _search_pb2.BackfillRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_search_pb2.BackfillResponse], _abc.AsyncIterator[_search_pb2.BackfillResponse]]:
+        """Captions the items whose caption is pending (DEFERRED by Ingest) and embeds the
+        captions, keeping each item's stored image vector. Streams one outcome per item and
+        running totals. Resumable and idempotent: it works on the items pending when it
+        starts, so re-running after an interruption continues with what is left, and an item
+        captioned meanwhile is skipped. Paced by `max_items_per_s`; one backfill at a time
+        per server (a second call is ABORTED). Needs the captioner and the embedder.
+        """
 
 def add_SearchServicer_to_server(servicer: SearchServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
