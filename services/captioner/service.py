@@ -17,7 +17,7 @@ from services.captioner.parsing import clean_keywords, limit_words, parse_captio
 from services.captioner.settings import CaptionerSettings
 from services.captioner.upstream import UpstreamRunner
 from services.common.errors import DeadlineExceeded, InvalidInput, ServiceError
-from services.common.images import DecodedImage, decode_image, sha256_hex
+from services.common.images import DecodedImage, PixelNeed, decode_image, sha256_hex
 from services.common.intake import ImageIntake, ImageRef
 from services.common.log import get_logger
 
@@ -216,12 +216,11 @@ class CaptionService:
         s = self.settings
 
         def work() -> CaptionJob:
-            decoded: DecodedImage = decode_image(data, s.images)
+            need = PixelNeed(long_side=s.upload_max_side_px) if self.backend.remote else self.backend.pixel_need
+            decoded: DecodedImage = decode_image(data, s.images, need)
             upload, mime = b"", ""
             if self.backend.remote:
-                upload, mime = encode_for_upload(
-                    decoded.image, data, decoded.format, s.upload_max_side_px, s.upload_max_bytes
-                )
+                upload, mime = encode_for_upload(decoded, data, s.upload_max_side_px, s.upload_max_bytes)
             return CaptionJob(decoded.image, resolved.prompt, resolved.language, resolved.max_words, upload, mime)
 
         try:

@@ -45,7 +45,18 @@ class ImageLimits(BaseModel):
     """Bounds on image intake; they defeat oversize payloads and decompression bombs."""
 
     max_bytes: int = 20 * MiB
+    # The only pixel limit that applies (Pillow's own MAX_IMAGE_PIXELS is switched off):
+    # checked from the header before any pixel is decoded.
     max_pixels: int = 40_000_000
+    # Decode only as many pixels as the model needs: JPEG draft mode (1/2..1/8 scale in
+    # the DCT) and Pillow's `reduce` before the RGB copy. Off: full-size decodes (the
+    # baseline bench/image_memory.py compares against).
+    reduce_on_decode: bool = True
+    # Pixels that may be decoding at once in this process (all threads): a near-limit
+    # image waits while others hold the budget, which bounds peak memory under many
+    # concurrent large images. Unset: `max_pixels` (one image at the limit at a time);
+    # 0: no bound.
+    max_decoding_pixels: int | None = None
     allowed_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
 
 

@@ -131,7 +131,7 @@ class EmbeddingEngine:
         assert isinstance(self.backend, LocalBackend) and self._model_thread is not None
         loop = asyncio.get_running_loop()
         png = _warmup_png()
-        decoded = decode_image(png, self.settings.images)
+        decoded = decode_image(png, self.settings.images, self.backend.pixel_need)
         started = time.perf_counter()
         for modality in info.modalities:
             if modality is Modality.TEXT:
@@ -277,10 +277,10 @@ class EmbeddingEngine:
             raise at_index(index, e) from None
 
     def _prepare_image(self, data: bytes) -> Any:
-        return self.backend.preprocess_image(decode_image(data, self.settings.images), data)
+        return self.backend.preprocess_image(decode_image(data, self.settings.images, self.backend.pixel_need), data)
 
     def _prepare_composed(self, data: bytes, instruction: str) -> Any:
-        decoded = decode_image(data, self.settings.images)
+        decoded = decode_image(data, self.settings.images, self.backend.pixel_need)
         if self.info.composed_native:
             return self.backend.preprocess_composed(decoded, data, instruction)
         return self.backend.preprocess_image(decoded, data), self.backend.preprocess_text(instruction)

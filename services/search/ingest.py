@@ -22,12 +22,21 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from services.common.convert import Content, ImageContent, TextContent
-from services.common.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, InvalidInput, ServiceError
+from services.common.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidInput,
+    Overloaded,
+    ServiceError,
+    Unavailable,
+)
 from services.common.intake import ImageIntake, ImageRef
 from services.common.log import get_logger
 from services.search import fields as F
 from services.search.metrics import INGEST_IN_FLIGHT, INGEST_ITEMS, INGEST_STAGE_SECONDS
 from services.search.milvus_store import StoredRow
+from services.search.pending import PendingImages
 from services.search.settings import SearchSettings
 from services.search.upstreams import CaptionResult
 from services.search.validation import check_id, parse_metadata
@@ -42,6 +51,9 @@ class ItemStatus(str, Enum):
     FAILED = "failed"
     # An earlier item of the same stream has this id; this one is not stored.
     DUPLICATE = "duplicate"
+    # Stored with its image vector only: captioning failed and the server defers it
+    # (SEARCH_ON_CAPTION_FAILURE=defer); `caption_pending` until a backfill captions it.
+    DEFERRED = "deferred"
 
 
 @dataclass(frozen=True)
@@ -77,10 +89,11 @@ class Progress:
     unchanged: int = 0
     failed: int = 0
     duplicate: int = 0
+    deferred: int = 0
 
     @property
     def in_flight(self) -> int:
-        return self.received - self.stored - self.unchanged - self.failed - self.duplicate
+        return self.received - self.stored - self.unchanged - self.failed - self.duplicate - self.deferred
 
 
 class Captioner(Protocol):
@@ -107,6 +120,22 @@ class _Work:
     uri: str = ""
     caption: CaptionResult | None = None
     vectors: np.ndarray | None = None  # [2, dim]: image, caption
+    # Captioning failed and is deferred: stored with the image vector only.
+    caption_error: ServiceError | None = None
+
+
+def fingerprint_of(
+    sha256: str, metadata: dict[str, Any], uri: str, caption: dict[str, Any] | None, model_id: str
+) -> str:
+    """Everything that would be stored for an item, hashed: equal means "unchanged"."""
+    return hashlib.sha256(
+        json.dumps([sha256, metadata, uri, caption, model_id], sort_keys=True, ensure_ascii=False).encode()
+    ).hexdigest()
+
+
+def pending_fingerprint(fingerprint: str) -> str:
+    """The fingerprint stored while an item's caption is pending."""
+    return hashlib.sha256(f"caption-pending:{fingerprint}".encode()).hexdigest()
 
 
 def caption_text(caption: CaptionResult) -> str:
@@ -158,6 +187,7 @@ class IngestPipeline:
         embedder: Embedder,
         store: Store,
         embedder_model_id: Callable[[], str],
+        pending_images: PendingImages | None = None,
     ) -> None:
         self.settings = settings
         self.intake = intake
@@ -165,6 +195,17 @@ class IngestPipeline:
         self.embedder = embedder
         self.store = store
         self.embedder_model_id = embedder_model_id
+        self.pending_images = pending_images
+
+    def defers(self, error: ServiceError) -> bool:
+        """A caption failure that the item is stored without (SEARCH_ON_CAPTION_FAILURE=defer):
+        the captioner is down, throttled or slow. A collection made before deferred
+        captions has no pending mark, so there items fail as with `fail`."""
+        return (
+            self.settings.on_caption_failure == "defer"
+            and isinstance(error, Unavailable | Overloaded | DeadlineExceeded)
+            and bool(getattr(self.store, "pending_supported", False))
+        )
 
     async def run(
         self, items: AsyncIterator[IngestItem], time_remaining: Callable[[], float | None] = lambda: None
@@ -217,6 +258,9 @@ class _Run:
             self.progress.unchanged += 1
         elif status is ItemStatus.DUPLICATE:
             self.progress.duplicate += 1
+        elif status is ItemStatus.DEFERRED:
+            self.progress.deferred += 1
+            log.info("ingest item deferred", index=item.index, id=item_id, reason=error.message if error else "")
         else:
             self.progress.failed += 1
             log.info("ingest item failed", index=item.index, id=item_id, reason=error.message if error else "")
@@ -335,12 +379,8 @@ class _Run:
         uri = item.image.uri or item.source_uri
         if len(uri) > F.MAX_URI_CHARS:
             raise InvalidInput(f"uri is longer than {F.MAX_URI_CHARS} characters")
-        fingerprint = hashlib.sha256(
-            json.dumps(
-                [decoded, metadata, uri, item.caption.__dict__ if item.caption else None, self.p.embedder_model_id()],
-                sort_keys=True, ensure_ascii=False,
-            ).encode()
-        ).hexdigest()
+        fingerprint = fingerprint_of(
+            decoded, metadata, uri, item.caption.__dict__ if item.caption else None, self.p.embedder_model_id())
         work = _Work(item, data, decoded, item_id, fingerprint, metadata, uri)
         if item.caption is not None:
             work.caption = CaptionResult(item.caption.description, list(item.caption.keywords), "caller")
@@ -374,7 +414,12 @@ class _Run:
             try:
                 w.caption = await self.p.captioner.caption(w.data, timeout_s=self.timeout_s())
             except ServiceError as e:
-                self.finish(w, ItemStatus.FAILED, type(e)(f"caption failed: {e.message}"))
+                error = type(e)(f"caption failed: {e.message}")
+                if self.p.defers(e):  # stored now with its image vector, captioned later
+                    w.caption_error = error
+                    self.embed_q.put_nowait(w)
+                else:
+                    self.finish(w, ItemStatus.FAILED, error)
                 continue
             except Exception as e:
                 log.exception("caption stage error", index=w.item.index)
@@ -404,10 +449,14 @@ class _Run:
     async def embed_batch(self, batch: list[_Work], allow_split: bool) -> None:
         contents: list[Content] = []
         for w in batch:
-            assert w.caption is not None
-            contents += [ImageContent(ImageRef(data=w.data)), TextContent(caption_text(w.caption))]
+            contents.append(ImageContent(ImageRef(data=w.data)))
+            if w.caption_error is None:  # a deferred item has no caption to embed yet
+                assert w.caption is not None
+                contents.append(TextContent(caption_text(w.caption)))
         start = time.perf_counter()
         try:
+            if not self.p.embedder_model_id():
+                raise Unavailable("embedder: not bound to the collection yet (search is waiting for it)")
             vectors, model_id = await self.p.embedder.embed(contents, timeout_s=self.timeout_s())
             if model_id != self.p.embedder_model_id():
                 raise FailedPrecondition(
@@ -427,8 +476,14 @@ class _Run:
             return
         finally:
             INGEST_STAGE_SECONDS.labels("embed").observe(time.perf_counter() - start)
-        for i, w in enumerate(batch):
-            w.vectors = vectors[2 * i : 2 * i + 2]
+        i = 0
+        for w in batch:
+            if w.caption_error is None:
+                w.vectors = vectors[i : i + 2]
+                i += 2
+            else:  # placeholder caption vector: never searched (caption legs skip pending rows)
+                w.vectors = np.stack([vectors[i], vectors[i]])
+                i += 1
             self.upsert_q.put_nowait(w)
 
     async def upserter(self) -> None:
@@ -437,7 +492,18 @@ class _Run:
             now_ms = int(time.time() * 1000)
             rows = []
             for w in batch:
-                assert w.caption is not None and w.vectors is not None
+                assert w.vectors is not None
+                if w.caption_error is not None:
+                    rows.append(StoredRow(
+                        # Another fingerprint than the captioned item's: re-ingesting it
+                        # captions it (never "unchanged" while pending).
+                        id=w.id, content_sha256=w.sha256, fingerprint=pending_fingerprint(w.fingerprint),
+                        uri=w.uri, caption="", keywords=[], metadata=w.metadata,
+                        embedder_model_id=self.p.embedder_model_id(), captioner_model_id="", ingested_at_ms=now_ms,
+                        image_vector=w.vectors[0], caption_vector=w.vectors[1], caption_pending=True,
+                    ))
+                    continue
+                assert w.caption is not None
                 rows.append(StoredRow(
                     id=w.id, content_sha256=w.sha256, fingerprint=w.fingerprint, uri=w.uri,
                     caption=w.caption.description[: F.MAX_CAPTION_CHARS],
@@ -448,6 +514,9 @@ class _Run:
                 ))
             start = time.perf_counter()
             try:
+                deferred = [w for w in batch if w.caption_error is not None]
+                if deferred and self.p.pending_images is not None:  # the backfill's copy of the image
+                    await self.p.pending_images.put_many([(w.id, w.data) for w in deferred])
                 await self.p.store.upsert(rows)
             except ServiceError as e:
                 for w in batch:
@@ -456,11 +525,17 @@ class _Run:
             finally:
                 INGEST_STAGE_SECONDS.labels("upsert").observe(time.perf_counter() - start)
             for w in batch:
-                self.finish(w, ItemStatus.STORED)
+                if w.caption_error is not None:
+                    self.finish(w, ItemStatus.DEFERRED, w.caption_error)
+                else:
+                    self.finish(w, ItemStatus.STORED)
 
 
 def _decode(data: bytes, intake: ImageIntake) -> str:
-    """Validates the image fully (so upstreams never see a bad one); returns its SHA-256."""
-    from services.common.images import decode_image
+    """Validates the image fully (so upstreams never see a bad one); returns its SHA-256.
 
-    return decode_image(data, intake.limits).sha256
+    Search keeps no pixels, so the decode shrinks as far as it can (JPEG at 1/8 scale);
+    every byte is still decoded, so corrupt files are refused here as upstream."""
+    from services.common.images import PixelNeed, decode_image
+
+    return decode_image(data, intake.limits, PixelNeed()).sha256

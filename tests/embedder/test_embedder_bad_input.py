@@ -102,3 +102,22 @@ async def test_file_uris_inside_the_root_are_read(clip_backend: ClipBackend, tmp
             await served.embed(text("ok"), image_uri(f"file://{tmp_path}/../etc/passwd"))
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert caught.value.details().startswith("item 1:")
+
+
+async def test_the_configured_pixel_limit_is_the_only_one(clip_backend: ClipBackend) -> None:
+    """Raised above Pillow's own 89.5 Mpx, our limit admits a 90 Mpx image; lowered, it
+    refuses with a message naming IMAGES__MAX_PIXELS (never Pillow's limit)."""
+    big = encode(Image.new("L", (9_500, 9_500), 90), "PNG")  # 90.25 Mpx, ~90 KB
+    async with serve(make_settings(backend="clip", images={"max_pixels": 120_000_000}), clip_backend) as served:
+        info = await served.stub.Info(embedder_pb2.InfoRequest())
+        assert info.max_image_pixels == 120_000_000
+        reply = await served.embed(image(big), timeout=60)
+        assert len(reply.embeddings[0].values) == info.dimension
+    async with serve(make_settings(backend="clip", images={"max_pixels": 50_000_000}), clip_backend) as served:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await served.embed(image(big), timeout=60)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert caught.value.details() == (
+            "item 0: image is 9500x9500 = 90250000 pixels, more than the limit of 50000000 pixels (IMAGES__MAX_PIXELS)"
+        )
+        assert await served.health_status() == 1

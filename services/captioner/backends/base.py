@@ -17,6 +17,7 @@ from typing import Literal
 from PIL import Image
 
 from services.common.errors import DeadlineExceeded, InvalidInput, Overloaded, ServiceError, UpstreamExhausted
+from services.common.images import DecodedImage, PixelNeed
 
 #: Image formats every OpenAI-compatible / DashScope VLM endpoint accepts as a data URI.
 UPLOAD_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
@@ -122,16 +123,17 @@ def scrub(message: object, *secrets: str | None) -> str:
     return text if len(text) <= 500 else text[:500] + "…"
 
 
-def encode_for_upload(image: Image.Image, data: bytes, fmt: str, max_side: int, max_bytes: int) -> tuple[bytes, str]:
+def encode_for_upload(decoded: DecodedImage, data: bytes, max_side: int, max_bytes: int) -> tuple[bytes, str]:
     """The bytes and MIME type to send upstream.
 
     The caller's bytes when they are already small and in a format every VLM endpoint
     reads; otherwise a JPEG with the long side capped (Qwen-VL downsizes large images
     anyway, so sending 20 MB only costs time and money).
     """
-    if fmt in UPLOAD_FORMATS and max(image.size) <= max_side and len(data) <= max_bytes:
+    fmt = decoded.format
+    if fmt in UPLOAD_FORMATS and max(decoded.source_size) <= max_side and len(data) <= max_bytes:
         return data, UPLOAD_FORMATS[fmt]
-    img = image
+    img = decoded.image  # possibly already shrunk at decode (PixelNeed(long_side=max_side))
     if max(img.size) > max_side:
         img = img.copy()
         img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
@@ -154,6 +156,9 @@ class CaptionBackend(ABC):
     model_id: str
     #: Remote backends need the encoded image (`CaptionJob.upload_bytes`) and are retried.
     remote: bool = True
+    #: How small the decoded image may be (services/common/images.py); None: full size.
+    #: Remote backends get `PixelNeed(long_side=upload_max_side_px)` from the service.
+    pixel_need: PixelNeed | None = None
 
     async def start(self) -> None:
         """Loads models / opens connections; the server is not SERVING before it returns."""

@@ -18,6 +18,7 @@ from PIL import Image
 from services.captioner.backends.base import BackendCaption, CaptionBackend, CaptionJob
 from services.captioner.parsing import clean_keywords
 from services.captioner.settings import CaptionerSettings
+from services.common.images import PixelNeed
 
 if TYPE_CHECKING:
     from services.lite_models.imagenet import ImageNetClassifier
@@ -65,6 +66,9 @@ def _keyword(name: str) -> str:
 class LiteBackend(CaptionBackend):
     name = "lite"
     remote = False
+    # The classifier centre-crops 224/256 of the short side to 224 px (lite_models/imagenet.py,
+    # not imported here: it loads torch).
+    pixel_need = PixelNeed(short_side=256)
 
     def __init__(self, settings: CaptionerSettings, classifier: ImageNetClassifier | None = None) -> None:
         self.top_k = settings.lite_top_k

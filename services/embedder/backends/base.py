@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from services.common.images import DecodedImage
+from services.common.images import DecodedImage, PixelNeed
 
 
 class Modality(enum.StrEnum):
@@ -67,6 +67,14 @@ class EmbeddingBackend(ABC):
     def preprocess_text(self, text: str) -> Any:
         """CPU work for one text (worker pool). Default: the text itself (tokenised in forward)."""
         return text
+
+    @property
+    def pixel_need(self) -> PixelNeed | None:
+        """How small a decoded image may be for `preprocess_image` (None: full size).
+
+        Decoding shrinks larger images to about twice this before the RGB copy, which
+        keeps memory flat under near-limit images (services/common/images.py)."""
+        return None
 
     @abstractmethod
     def preprocess_image(self, image: DecodedImage, data: bytes) -> Any:

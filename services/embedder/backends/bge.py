@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from services.common.images import DecodedImage
+from services.common.images import DecodedImage, PixelNeed
 from services.embedder.backends.base import BackendInfo, LocalBackend, Modality, l2_normalize
 from services.embedder.backends.torch_device import resolve_device, resolve_dtype, set_threads
 from services.embedder.settings import EmbedderSettings
@@ -109,6 +109,10 @@ class VisualizedBgeBackend(LocalBackend):
         model_id = self._model_id or f"visualized-bge:{self.model_name}"
         modalities = (Modality.TEXT, Modality.IMAGE, Modality.COMPOSED)
         self._info = BackendInfo(self.name, model_id, int(model.hidden_dim), modalities, True)
+
+    @property
+    def pixel_need(self) -> PixelNeed:
+        return PixelNeed(short_side=224)  # Visualized BGE's EVA-CLIP tower: 224 px input
 
     def preprocess_image(self, image: DecodedImage, data: bytes) -> torch.Tensor:
         return self.model.preprocess_val(image.image)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from services.common.images import DecodedImage
+from services.common.images import DecodedImage, PixelNeed
 from services.embedder.backends.base import BackendInfo, LocalBackend, Modality, l2_normalize
 from services.embedder.backends.torch_device import resolve_device, resolve_dtype, set_threads
 from services.embedder.settings import EmbedderSettings
@@ -81,6 +81,12 @@ class ClipBackend(LocalBackend):
         probe = self.forward(Modality.TEXT, [self.preprocess_text("probe")])
         model_id = self._model_id or f"{self.model_type}:{self.model_dir.name}"
         self._info = BackendInfo(self.name, model_id, int(probe.shape[1]), (Modality.TEXT, Modality.IMAGE), False)
+
+    @property
+    def pixel_need(self) -> PixelNeed | None:
+        size = getattr(getattr(self, "image_processor", None), "size", None) or {}
+        side = size.get("shortest_edge") or max(size.get("height", 0), size.get("width", 0))
+        return PixelNeed(short_side=int(side)) if side else None
 
     def preprocess_image(self, image: DecodedImage, data: bytes) -> np.ndarray:
         pixels = self.image_processor(images=[image.image], return_tensors="np")["pixel_values"][0]

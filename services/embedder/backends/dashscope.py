@@ -30,7 +30,7 @@ from dashscope.embeddings.multimodal_embedding import AioMultiModalEmbedding
 from PIL import Image
 
 from services.common.errors import DeadlineExceeded, InvalidInput, ServiceError, Unavailable, UpstreamExhausted
-from services.common.images import DecodedImage
+from services.common.images import DecodedImage, PixelNeed
 from services.common.log import get_logger
 from services.common.retries import upstream_retrying
 from services.embedder.backends.base import BackendInfo, Modality, RemoteBackend, l2_normalize
@@ -125,6 +125,12 @@ class DashScopeBackend(RemoteBackend):
             self._session = None
 
     # --- preprocessing (worker pool) ------------------------------------------------------
+
+    @property
+    def pixel_need(self) -> PixelNeed:
+        # Small files go up as they are; larger ones are re-encoded, and the service scales
+        # images down far below 2048 px anyway.
+        return PixelNeed(long_side=2048)
 
     def preprocess_image(self, image: DecodedImage, data: bytes) -> str:
         return image_data_uri(image, data, self.settings.max_image_bytes)

@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from services.common.images import DecodedImage
+from services.common.images import DecodedImage, PixelNeed
 from services.embedder.backends.base import BackendInfo, LocalBackend, Modality, l2_normalize
 from services.embedder.backends.torch_device import resolve_device, set_threads
 from services.embedder.settings import EmbedderSettings
-from services.lite_models.imagenet import preprocess_image
+from services.lite_models.imagenet import CROP_FRACTION, IMAGE_SIZE, preprocess_image
 
 CPU_IMAGE_BATCH_LIMIT = 4
 
@@ -69,6 +69,11 @@ class LiteBackend(LocalBackend):
         if modality is Modality.IMAGE and self.device.type == "cpu":
             return CPU_IMAGE_BATCH_LIMIT
         return None
+
+    @property
+    def pixel_need(self) -> PixelNeed:
+        # The centre crop is 224/256 of the short side, resized to 224.
+        return PixelNeed(short_side=round(IMAGE_SIZE / CROP_FRACTION))
 
     def preprocess_image(self, image: DecodedImage, data: bytes) -> np.ndarray:
         # Centre crop + bicubic resize + (x - 127) / 128, HWC float32: stacking these
