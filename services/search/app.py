@@ -10,10 +10,12 @@ from services.common.errors import FailedPrecondition, ServiceError, Unavailable
 from services.common.intake import ImageIntake
 from services.common.log import get_logger
 from services.common.server import GrpcApp
+from services.search.backfill import Backfiller
 from services.search.engine import SearchEngine
 from services.search.ingest import IngestPipeline
 from services.search.ingest_wire import decode_ingest_request
 from services.search.milvus_store import MilvusStore
+from services.search.pending import PendingImages
 from services.search.servicer import SearchServicer
 from services.search.settings import SearchSettings
 from services.search.upstreams import CaptionerClient, EmbedderClient, EmbedderInfo
@@ -54,9 +56,13 @@ class SearchService:
         # Last probe: True SERVING, False answers but not SERVING, None unreachable.
         self.embedder_health: bool | None = None
         self.captioner_health: bool | None = None
+        model_id = lambda: self.info.model_id if self.info else ""
+        self.pending_images = PendingImages(settings.pending_images_dir) if settings.pending_images_dir else None
         self.pipeline = IngestPipeline(
-            settings, self.intake, self.captioner, self.embedder, self.store, lambda: self.info.model_id if self.info else ""
+            settings, self.intake, self.captioner, self.embedder, self.store, model_id, self.pending_images
         )
+        self.backfiller = Backfiller(settings, self.store, self.captioner, self.embedder, self.intake, model_id,
+                                     self.pending_images)
         self.engine = SearchEngine(settings, self.store, self.embedder, self.intake, self.embedder_gate,
                                    lambda: self.info.model_id if self.info else "")
         self._servicer: SearchServicer | None = None
@@ -147,7 +153,7 @@ class SearchService:
         }
 
     def app(self) -> GrpcApp:
-        self._servicer = SearchServicer(self.engine, self.pipeline, self.store, self.stats_extra)
+        self._servicer = SearchServicer(self.engine, self.pipeline, self.store, self.stats_extra, self.backfiller)
         servicer = self._servicer
         return GrpcApp(
             name="search",

@@ -10,8 +10,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from mmsearch.common.v1 import types_pb2
 from mmsearch.search.v1 import search_pb2, search_pb2_grpc
 from services.common.convert import content_from_proto, image_ref_from_proto
-from services.common.errors import InvalidInput, ServiceError
+from services.common.errors import FailedPrecondition, InvalidInput, ServiceError
 from services.common.intake import ImageRef
+from services.search.backfill import Backfiller, BackfillStatus
 from services.search.engine import Fusion, Hit, SearchEngine, SearchQuery, Target, metadata_json
 from services.search.ingest import CaptionInput, IngestItem, IngestPipeline, ItemStatus, Outcome, Progress
 from services.search.ingest_wire import BrokenItem
@@ -27,7 +28,11 @@ _TARGETS = {
 _TARGETS_OUT = {Target.IMAGE: search_pb2.TARGET_IMAGE, Target.CAPTION: search_pb2.TARGET_CAPTION,
                 Target.HYBRID: search_pb2.TARGET_HYBRID}
 _STATUS = {ItemStatus.STORED: search_pb2.ITEM_STATUS_STORED, ItemStatus.UNCHANGED: search_pb2.ITEM_STATUS_UNCHANGED,
-           ItemStatus.FAILED: search_pb2.ITEM_STATUS_FAILED, ItemStatus.DUPLICATE: search_pb2.ITEM_STATUS_DUPLICATE}
+           ItemStatus.FAILED: search_pb2.ITEM_STATUS_FAILED, ItemStatus.DUPLICATE: search_pb2.ITEM_STATUS_DUPLICATE,
+           ItemStatus.DEFERRED: search_pb2.ITEM_STATUS_DEFERRED}
+_BACKFILL_STATUS = {BackfillStatus.CAPTIONED: search_pb2.BACKFILL_STATUS_CAPTIONED,
+                    BackfillStatus.FAILED: search_pb2.BACKFILL_STATUS_FAILED,
+                    BackfillStatus.SKIPPED: search_pb2.BACKFILL_STATUS_SKIPPED}
 MAX_IDS = 1000
 
 
@@ -66,7 +71,7 @@ def _hit(hit: Hit) -> search_pb2.Hit:
         rank=hit.rank, id=hit.id, score=hit.score, uri=f.get("uri") or "", caption=f.get("caption") or "",
         keywords=f.get("keywords") or [], metadata_json=metadata_json(f.get("metadata")),
         embedder_model_id=f.get("embedder_model_id") or "", captioner_model_id=f.get("captioner_model_id") or "",
-        ingested_at=_timestamp(f.get("ingested_at")),
+        ingested_at=_timestamp(f.get("ingested_at")), caption_pending=bool(f.get("caption_pending")),
     )
 
 
@@ -88,12 +93,29 @@ def _error(e: ServiceError | None) -> types_pb2.ItemError | None:
 
 class SearchServicer(search_pb2_grpc.SearchServicer):
     def __init__(
-        self, engine: SearchEngine, pipeline: IngestPipeline, store: MilvusStore, stats_extra: Any
+        self, engine: SearchEngine, pipeline: IngestPipeline, store: MilvusStore, stats_extra: Any,
+        backfiller: Backfiller | None = None,
     ) -> None:
         self.engine = engine
         self.pipeline = pipeline
         self.store = store
         self.stats_extra = stats_extra  # async () -> dict of model ids
+        self.backfiller = backfiller
+
+    async def Backfill(
+        self, request: search_pb2.BackfillRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[search_pb2.BackfillResponse]:
+        if self.backfiller is None:
+            raise FailedPrecondition("this server has no backfill")
+        if request.max_items_per_s < 0:
+            raise InvalidInput(f"max_items_per_s must be >= 0, got {request.max_items_per_s}")
+        async for outcomes, p in self.backfiller.run(request.max_items, request.max_items_per_s):
+            yield search_pb2.BackfillResponse(
+                outcomes=[search_pb2.BackfillOutcome(id=o.id, status=_BACKFILL_STATUS[o.status], error=_error(o.error))
+                          for o in outcomes],
+                progress=search_pb2.BackfillProgress(total=p.total, captioned=p.captioned, failed=p.failed,
+                                                     skipped=p.skipped),
+            )
 
     async def Search(self, request: search_pb2.SearchRequest, context: grpc.aio.ServicerContext) -> search_pb2.SearchResponse:
         result = await self.engine.search(_query(request), context.time_remaining())
@@ -128,7 +150,7 @@ class SearchServicer(search_pb2_grpc.SearchServicer):
                 id=r["id"], uri=r.get("uri", ""), caption=r.get("caption", ""), keywords=r.get("keywords") or [],
                 metadata_json=metadata_json(r.get("metadata")), embedder_model_id=r.get("embedder_model_id", ""),
                 captioner_model_id=r.get("captioner_model_id", ""), ingested_at=_timestamp(r.get("ingested_at_ms")),
-                content_sha256=r.get("content_sha256", ""),
+                content_sha256=r.get("content_sha256", ""), caption_pending=bool(r.get("caption_pending")),
             )
             for i in ids if (r := rows.get(i)) is not None
         ]
@@ -144,6 +166,7 @@ class SearchServicer(search_pb2_grpc.SearchServicer):
             embedder_model_id=extra["embedder_model_id"], dimension=extra["dimension"],
             captioner_model_id=extra["captioner_model_id"], index_type=await self.store.index_type(),
             metric_type=self.store.settings.metric_type, milvus_mode=self.store.mode,
+            caption_pending_count=await self.store.count_pending(),
         )
 
 
@@ -161,5 +184,5 @@ def _outcome(o: Outcome) -> search_pb2.ItemOutcome:
 def _progress(p: Progress) -> search_pb2.IngestProgress:
     return search_pb2.IngestProgress(
         received=p.received, stored=p.stored, unchanged=p.unchanged, failed=p.failed, in_flight=p.in_flight,
-        duplicate=p.duplicate,
+        duplicate=p.duplicate, deferred=p.deferred,
     )

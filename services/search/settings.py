@@ -1,6 +1,7 @@
 """Search service settings (environment prefix SEARCH_)."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
@@ -63,6 +64,15 @@ class SearchSettings(ServerSettings):
     # Items received but not yet decided, per Ingest call; the stream is not read further.
     max_in_flight_items: int = 256
     max_metadata_bytes: int = 64 * 1024
+    # What Ingest does with an item whose captioning fails after the captioner's (and
+    # gRPC's) retries: "fail" (FAILED, retryable) or "defer" (stored with its image
+    # vector and `caption_pending`, outcome DEFERRED; `Backfill` captions it later).
+    on_caption_failure: Literal["fail", "defer"] = "fail"
+    # Where deferred items' image bytes are kept for the backfill (see pending.py);
+    # unset: only items given by URI can be backfilled, others by re-ingesting them.
+    pending_images_dir: Path | None = None
+    # The backfill's pace ceiling (items started per second); callers may ask for less.
+    backfill_max_items_per_s: float = 10.0
     max_metadata_depth: int = 8
 
     # --- search -------------------------------------------------------------------------

@@ -83,7 +83,8 @@ def text(q: str, **kw: object) -> search_pb2.SearchRequest:
 
 def vector_query(seed: int = 0, **kw: object) -> search_pb2.SearchRequest:
     v = np.random.default_rng(seed).normal(size=DIM).astype(np.float32)
-    return search_pb2.SearchRequest(query_vector=types_pb2.Embedding(values=v.tolist()), top_k=3, **kw)  # type: ignore[arg-type]
+    kw.setdefault("top_k", 3)
+    return search_pb2.SearchRequest(query_vector=types_pb2.Embedding(values=v.tolist()), **kw)  # type: ignore[arg-type]
 
 
 async def timed_failure(call: object) -> tuple[grpc.aio.AioRpcError, float]:
@@ -189,6 +190,102 @@ async def test_search_started_30s_before_the_embedder_serves_milvus_calls_then_p
             print(f"search started in {start_s:.2f} s; bound the late embedder {bound_s:.2f} s after it served")
             assert len((await stub.Search(text("a cat"), timeout=10)).hits) == 3
             assert search.server is not None  # the same server object all along: no restart
+    finally:
+        if search is not None:
+            await search.stop(0.5)
+        embedder.stop(), captioner.stop()
+
+
+async def backfill(stub: search_pb2_grpc.SearchStub, **kw: object) -> tuple[
+        dict[str, search_pb2.BackfillOutcome], search_pb2.BackfillProgress]:
+    outcomes: dict[str, search_pb2.BackfillOutcome] = {}
+    progress = search_pb2.BackfillProgress()
+    async for reply in stub.Backfill(search_pb2.BackfillRequest(**kw), timeout=120):  # type: ignore[arg-type]
+        for o in reply.outcomes:
+            assert o.id not in outcomes, f"{o.id} got two outcomes"
+            outcomes[o.id] = o
+        progress = reply.progress
+    return outcomes, progress
+
+
+async def test_captioner_killed_search_serves_ingest_defers_then_backfill_captions_each_once(
+        fakes: tuple[FakeUpstream, FakeDashScope], milvus_server: MilvusLiteServer, tmp_path: Path) -> None:
+    cap_fake = fakes[0]
+    embedder, captioner = upstreams(fakes, tmp_path)
+    search = None
+    try:
+        embedder.start(), captioner.start()
+        await embedder.wait_serving(120), await captioner.wait_serving(120)
+        search = await start_search(milvus_server.uri, embedder.address, captioner.address,
+                                    collection="degraded_captioner", upstream_attempts=2, upstream_timeout_s=10,
+                                    on_caption_failure="defer", pending_images_dir=tmp_path / "pending")
+        async with grpc.aio.insecure_channel(search.address) as channel:
+            stub = search_pb2_grpc.SearchStub(channel)
+            first = await ingest_all(stub, items_of(distinct_images(6, seed=143)))
+            assert first.progress.stored == 6
+            ids = [first.outcomes[i].id for i in range(6)]
+
+            captioner.kill9()
+            await wait_name(search.address, "ingest.caption", NOT_SERVING, 5)
+            for name in ("", "search", "search.text", "ingest"):
+                assert await health_of(search.address, name) == SERVING, name
+            await milvus_only_calls(stub, ids)
+            assert len((await stub.Search(text("a cat"), timeout=10)).hits) == 3
+            image = distinct_images(6, seed=143)[2]
+            by_image = await stub.Search(search_pb2.SearchRequest(
+                query=types_pb2.Content(image=types_pb2.Image(data=image)), top_k=1), timeout=10)
+            assert by_image.hits[0].id == ids[2]
+
+            # Ingest defers: stored with the image vector, no caption, a pending mark.
+            late_images = distinct_images(10, seed=144)
+            late = await ingest_all(stub, items_of(late_images))
+            deferred = late.with_status(search_pb2.ITEM_STATUS_DEFERRED)
+            assert len(deferred) == 10 and late.progress.deferred == 10, late.progress
+            for o in deferred.values():
+                assert "caption failed" in o.error.message and "captioner" in o.error.message
+            late_ids = [late.outcomes[i].id for i in range(10)]
+            got = await stub.Get(search_pb2.GetRequest(ids=late_ids), timeout=10)
+            assert all(r.caption_pending and not r.caption for r in got.records) and len(got.records) == 10
+            # Searchable by image at once; never in caption searches (no made-up caption vector).
+            hit = (await stub.Search(search_pb2.SearchRequest(
+                query=types_pb2.Content(image=types_pb2.Image(data=late_images[4])), top_k=1), timeout=10)).hits[0]
+            assert hit.id == late_ids[4] and hit.caption_pending
+            caption_hits = (await stub.Search(text("a cat", top_k=50, target=search_pb2.TARGET_CAPTION))).hits
+            assert {h.id for h in caption_hits} == set(ids), "caption searches skip pending items"
+            pending_only = await stub.Search(vector_query(top_k=50, filter="caption_pending == true"), timeout=10)
+            assert {h.id for h in pending_only.hits} == set(late_ids), "caption_pending is filterable"
+            hybrid = await stub.Search(text("a cat", top_k=50, target=search_pb2.TARGET_HYBRID,
+                                            filter="caption_pending == true"), timeout=10)
+            assert {h.id for h in hybrid.hits} <= set(late_ids)  # through the image leg only
+            stats = await stub.Stats(search_pb2.StatsRequest(), timeout=10)
+            assert stats.item_count == 16 and stats.caption_pending_count == 10
+
+            # A backfill while the captioner is still down: every item reported, none lost.
+            down, progress = await backfill(stub, max_items=3)
+            assert progress.total == 3 and progress.failed == 3 and len(down) == 3
+            assert all(o.status == search_pb2.BACKFILL_STATUS_FAILED for o in down.values())
+
+            captioner.start()
+            await captioner.wait_serving(120)
+            await wait_name(search.address, "ingest.caption", SERVING, 10)
+            calls_before = cap_fake.calls
+            part, progress = await backfill(stub, max_items=4)  # interrupted after 4 ...
+            assert progress.captioned == 4 and len(part) == 4
+            rest, progress = await backfill(stub, max_items_per_s=50)  # ... and resumed
+            assert progress.total == 6 and progress.captioned == 6 and not set(rest) & set(part)
+            assert cap_fake.calls - calls_before == 10, "every pending item captioned exactly once"
+            again, progress = await backfill(stub)
+            assert progress.total == 0 and not again, "idempotent: nothing left"
+            stats = await stub.Stats(search_pb2.StatsRequest(), timeout=10)
+            assert stats.item_count == 16 and stats.caption_pending_count == 0, "row count unchanged"
+            got = await stub.Get(search_pb2.GetRequest(ids=late_ids), timeout=10)
+            assert all(not r.caption_pending and r.caption and r.captioner_model_id for r in got.records)
+            caption_hits = (await stub.Search(text("a cat", top_k=50, target=search_pb2.TARGET_CAPTION))).hits
+            assert {h.id for h in caption_hits} == set(ids) | set(late_ids)
+            # The backfilled rows are what a normal ingest stores: re-ingesting is "unchanged".
+            rerun = await ingest_all(stub, items_of(late_images))
+            assert rerun.progress.unchanged == 10, rerun.progress
+            assert not list((tmp_path / "pending").iterdir()), "kept images are removed once captioned"
     finally:
         if search is not None:
             await search.stop(0.5)

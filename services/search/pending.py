@@ -1,0 +1,46 @@
+"""The images of items whose caption is pending, kept for the backfill.
+
+Search stores vectors, not pixels: an item given as inline bytes whose caption is deferred
+could not be captioned later without them. With SEARCH_PENDING_IMAGES_DIR set, Ingest
+writes each deferred item's bytes here (one file per id, named by the id's SHA-256) and the
+backfill reads and removes them. Items given by URI are read again from the URI (same
+file-root / remote rules as Ingest), so they need no copy. In Kubernetes the folder must
+be shared by every search pod (a ReadWriteMany volume) or the backfill only finds the
+images its own pod kept; without a copy, re-ingesting the item captions it too.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+
+class PendingImages:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def _path(self, item_id: str) -> Path:
+        return self.folder / f"{hashlib.sha256(item_id.encode()).hexdigest()}.img"
+
+    def _put(self, items: Sequence[tuple[str, bytes]]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for item_id, data in items:
+            path = self._path(item_id)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)  # a reader never sees half a file
+
+    async def put_many(self, items: Sequence[tuple[str, bytes]]) -> None:
+        await asyncio.to_thread(self._put, items)
+
+    async def get(self, item_id: str) -> bytes | None:
+        path = self._path(item_id)
+        try:
+            return await asyncio.to_thread(path.read_bytes)
+        except FileNotFoundError:
+            return None
+
+    async def remove(self, item_id: str) -> None:
+        await asyncio.to_thread(self._path(item_id).unlink, True)
