@@ -102,7 +102,7 @@ class RealSuite:
 
         self.data_dir = data_dir
         self.token = SUITE_TOKEN
-        self._suite = LocalSuite(SuiteConfig(data_dir=data_dir, ports="auto", metrics=False,
+        self._suite = LocalSuite(SuiteConfig(data_dir=data_dir, ports="auto", metrics=True,
                                              env={"SEARCH_AUTH_TOKENS": SUITE_TOKEN}, start_timeout_s=540))
 
     @property
