@@ -26,6 +26,9 @@ from mmsearch.cli import output
 from mmsearch.cli.discovery import DiscoveryError, LocalItem, discover
 from mmsearch.client import (
     DEFAULT_ADDRESS,
+    BackfillOutcome,
+    BackfillProgress,
+    BackfillStatus,
     ConnectionConfig,
     Fusion,
     FusionMethod,
@@ -245,6 +248,8 @@ def print_ingest_summary(summary: IngestSummary, items: list[LocalItem]) -> None
     line = (
         f"[green]{summary.stored} stored[/] · {summary.unchanged} unchanged · "
         + (f"[yellow]{len(duplicates)} duplicate ids[/] · " if duplicates else "")
+        + (f"[yellow]{summary.progress.deferred} deferred (caption pending: mmsearch backfill)[/] · "
+           if summary.progress.deferred else "")
         + f"[{'red' if summary.failed else 'dim'}]{summary.failed} failed[/] of {len(items)} items"
     )
     output.console.print(line)
@@ -411,6 +416,47 @@ def stats(
         output.print_json(result)
     else:
         output.console.print(output.stats_table(result))
+
+
+@app.command()
+def backfill(
+    ctx: typer.Context,
+    max_items: Annotated[int, typer.Option(help="At most this many pending items (0: all).")] = 0,
+    rate: Annotated[float, typer.Option(help="Items per second (0: the server's ceiling, SEARCH_BACKFILL_MAX_ITEMS_PER_S).")] = 0.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (every outcome and the totals).")] = False,
+) -> None:
+    """Caption the items whose caption is pending (deferred while the captioner was down).
+
+    Resumable and idempotent: run it again after an interruption; items already captioned
+    are skipped. Exit 1 when any item failed (it stays pending).
+    """
+    conn = _conn(ctx)
+
+    def run(client: SearchClient) -> tuple[list[BackfillOutcome], BackfillProgress]:
+        outcomes: list[BackfillOutcome] = []
+        progress = BackfillProgress()
+        with output.backfill_progress() as bar:
+            task = bar.add_task("backfill", total=None, captioned=0, failed=0, skipped=0, visible=not as_json)
+            for update in client.backfill(max_items=max_items, max_items_per_s=rate):
+                outcomes.extend(update.outcomes)
+                progress = update.progress
+                bar.update(task, total=progress.total, completed=progress.done, captioned=progress.captioned,
+                           failed=progress.failed, skipped=progress.skipped)
+        return outcomes, progress
+
+    outcomes, progress = conn.call(run)
+    failures = [o for o in outcomes if o.status is BackfillStatus.FAILED]
+    if as_json:
+        output.print_json({"progress": progress, "outcomes": outcomes})
+    else:
+        output.console.print(
+            f"[green]{progress.captioned} captioned[/] · {progress.skipped} skipped · "
+            f"[{'red' if failures else 'dim'}]{progress.failed} failed[/] of {progress.total} pending items"
+        )
+        for o in failures[:20]:
+            output.console.print(Text.assemble(("  failed ", "red"), o.id, ": ", o.message), soft_wrap=True)
+    if failures:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -199,6 +199,23 @@ def ingest_progress() -> Progress:
     )
 
 
+def backfill_progress() -> Progress:
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(),
+        TextColumn("[green]{task.fields[captioned]} captioned[/] [dim]{task.fields[skipped]} skipped[/] "
+                   "[red]{task.fields[failed]} failed[/]"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=False,
+    )
+
+
 def failures_table(
     failures: Sequence[IngestOutcome], names: Sequence[str], limit: int = 50, title: str = "failed items"
 ) -> Table:

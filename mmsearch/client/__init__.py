@@ -15,6 +15,10 @@ from mmsearch.client._channel import ConnectionConfig, retry_service_config
 from mmsearch.client.aio import AsyncSearchClient
 from mmsearch.client.sync import SearchClient, check_health
 from mmsearch.client.types import (
+    BackfillOutcome,
+    BackfillProgress,
+    BackfillStatus,
+    BackfillUpdate,
     Fusion,
     FusionMethod,
     GetResult,
@@ -38,6 +42,10 @@ __all__ = [
     "DEFAULT_ADDRESS",
     "SEARCH_SERVICE",
     "AsyncSearchClient",
+    "BackfillOutcome",
+    "BackfillProgress",
+    "BackfillStatus",
+    "BackfillUpdate",
     "ConnectionConfig",
     "Fusion",
     "FusionMethod",

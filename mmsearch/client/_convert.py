@@ -14,6 +14,10 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from mmsearch.client.types import (
+    BackfillOutcome,
+    BackfillProgress,
+    BackfillStatus,
+    BackfillUpdate,
     Fusion,
     FusionMethod,
     GetResult,
@@ -46,6 +50,12 @@ _STATUSES = {
     search_pb2.ITEM_STATUS_UNCHANGED: ItemStatus.UNCHANGED,
     search_pb2.ITEM_STATUS_FAILED: ItemStatus.FAILED,
     search_pb2.ITEM_STATUS_DUPLICATE: ItemStatus.DUPLICATE,
+    search_pb2.ITEM_STATUS_DEFERRED: ItemStatus.DEFERRED,
+}
+_BACKFILL_STATUSES = {
+    search_pb2.BACKFILL_STATUS_CAPTIONED: BackfillStatus.CAPTIONED,
+    search_pb2.BACKFILL_STATUS_FAILED: BackfillStatus.FAILED,
+    search_pb2.BACKFILL_STATUS_SKIPPED: BackfillStatus.SKIPPED,
 }
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
 
@@ -227,6 +237,17 @@ def get_result_from_proto(msg: search_pb2.GetResponse) -> GetResult:
     return GetResult(records=[record_from_proto(r) for r in msg.records], missing_ids=list(msg.missing_ids))
 
 
+def backfill_update_from_proto(msg: search_pb2.BackfillResponse) -> BackfillUpdate:
+    outcomes = tuple(
+        BackfillOutcome(o.id, _BACKFILL_STATUSES.get(o.status, BackfillStatus.FAILED),
+                        _CODES.get(o.error.code, grpc.StatusCode.UNKNOWN) if o.HasField("error") else None,
+                        o.error.message)
+        for o in msg.outcomes
+    )
+    p = msg.progress
+    return BackfillUpdate(outcomes, BackfillProgress(p.total, p.captioned, p.failed, p.skipped))
+
+
 def stats_from_proto(msg: search_pb2.StatsResponse) -> Stats:
     return Stats(
         collection=msg.collection,
@@ -237,6 +258,7 @@ def stats_from_proto(msg: search_pb2.StatsResponse) -> Stats:
         index_type=msg.index_type,
         metric_type=msg.metric_type,
         milvus_mode=msg.milvus_mode,
+        caption_pending_count=msg.caption_pending_count,
     )
 
 
@@ -330,7 +352,8 @@ class IngestTracker:
 
     def _progress(self) -> IngestProgress:
         s, lf = self._server, self._local_failed
-        return IngestProgress(s.received + lf, s.stored, s.unchanged, s.failed + lf, s.in_flight, s.duplicate)
+        return IngestProgress(s.received + lf, s.stored, s.unchanged, s.failed + lf, s.in_flight, s.duplicate,
+                              s.deferred)
 
     def _take_local(self) -> list[IngestOutcome]:
         local, self._local = self._local, []
@@ -345,7 +368,8 @@ class IngestTracker:
                 code = _CODES.get(o.error.code, grpc.StatusCode.UNKNOWN) if o.HasField("error") else None
                 outcomes.append(IngestOutcome(index, o.id, status, code, o.error.message))
             p = msg.progress
-            self._server = IngestProgress(p.received, p.stored, p.unchanged, p.failed, p.in_flight, p.duplicate)
+            self._server = IngestProgress(p.received, p.stored, p.unchanged, p.failed, p.in_flight, p.duplicate,
+                                          p.deferred)
             return IngestUpdate(tuple(outcomes), self._progress())
 
     def flush(self) -> IngestUpdate | None:

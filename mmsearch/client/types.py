@@ -134,6 +134,9 @@ class ItemStatus(str, Enum):
     FAILED = "failed"
     # Not stored: an earlier item of the same call has this id (the first one wins).
     DUPLICATE = "duplicate"
+    # Stored with its image vector, caption pending (the captioner failed and the server
+    # defers captions); `Backfill` captions it later. `message` is the caption failure.
+    DEFERRED = "deferred"
 
 
 @dataclass(frozen=True)
@@ -163,10 +166,11 @@ class IngestProgress:
     failed: int = 0
     in_flight: int = 0
     duplicate: int = 0
+    deferred: int = 0
 
     @property
     def done(self) -> int:
-        return self.stored + self.unchanged + self.failed + self.duplicate
+        return self.stored + self.unchanged + self.failed + self.duplicate + self.deferred
 
 
 @dataclass(frozen=True)
@@ -213,6 +217,38 @@ class IngestSummary:
         self.progress = update.progress
 
 
+class BackfillStatus(str, Enum):
+    CAPTIONED = "captioned"
+    FAILED = "failed"  # still pending; `message` says why
+    SKIPPED = "skipped"  # no longer pending when its turn came
+
+
+@dataclass(frozen=True)
+class BackfillOutcome:
+    id: str
+    status: BackfillStatus
+    code: grpc.StatusCode | None = None
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class BackfillProgress:
+    total: int = 0
+    captioned: int = 0
+    failed: int = 0
+    skipped: int = 0
+
+    @property
+    def done(self) -> int:
+        return self.captioned + self.failed + self.skipped
+
+
+@dataclass(frozen=True)
+class BackfillUpdate:
+    outcomes: tuple[BackfillOutcome, ...]
+    progress: BackfillProgress
+
+
 @dataclass(frozen=True)
 class Stats:
     collection: str
@@ -223,6 +259,7 @@ class Stats:
     index_type: str
     metric_type: str
     milvus_mode: str
+    caption_pending_count: int = 0
 
 
 class SearchError(Exception):

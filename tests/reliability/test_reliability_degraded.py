@@ -18,6 +18,7 @@ SIGKILL.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +26,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+from mmsearch.cli.main import app
 from mmsearch.common.v1 import types_pb2
 from mmsearch.search.v1 import search_pb2, search_pb2_grpc
 from tests.captioner.fakes import FakeUpstream
@@ -43,6 +46,7 @@ from tests.reliability.helpers import (
 )
 
 KEY = "sk-degraded-test-key"
+runner = CliRunner()
 DIM = 64
 
 
@@ -271,11 +275,20 @@ async def test_captioner_killed_search_serves_ingest_defers_then_backfill_captio
             calls_before = cap_fake.calls
             part, progress = await backfill(stub, max_items=4)  # interrupted after 4 ...
             assert progress.captioned == 4 and len(part) == 4
-            rest, progress = await backfill(stub, max_items_per_s=50)  # ... and resumed
-            assert progress.total == 6 and progress.captioned == 6 and not set(rest) & set(part)
+            # ... and resumed from the CLI (`mmsearch backfill`, its own client and channel).
+            cli = await asyncio.to_thread(
+                runner.invoke, app, ["--address", search.address, "backfill", "--rate", "50", "--json"])
+            assert cli.exit_code == 0, cli.output
+            # (this process' own search server logs to the same captured stdout: skip its lines)
+            report = json.loads(cli.stdout[cli.stdout.index("{\n"):])
+            assert report["progress"]["total"] == 6 and report["progress"]["captioned"] == 6, report
+            rest = {o["id"] for o in report["outcomes"]}
+            assert len(rest) == 6 and not rest & set(part)
             assert cap_fake.calls - calls_before == 10, "every pending item captioned exactly once"
             again, progress = await backfill(stub)
             assert progress.total == 0 and not again, "idempotent: nothing left"
+            cli = await asyncio.to_thread(runner.invoke, app, ["--address", search.address, "backfill"])
+            assert cli.exit_code == 0 and "0 captioned" in cli.stdout and "of 0 pending items" in cli.stdout
             stats = await stub.Stats(search_pb2.StatsRequest(), timeout=10)
             assert stats.item_count == 16 and stats.caption_pending_count == 0, "row count unchanged"
             got = await stub.Get(search_pb2.GetRequest(ids=late_ids), timeout=10)
