@@ -67,7 +67,15 @@ class UriSettings(BaseModel):
     file_root: Path | None = None
     # Remote fetching is off by default (SSRF); even when on, private ranges are refused.
     allow_http: bool = False
+    # Connect, and each wait for the next bytes: a server that sends nothing.
     http_timeout_s: float = 10.0
+    # The whole fetch (every redirect hop, connect + headers + body): a server that sends
+    # a byte now and then is cut off here at the latest.
+    http_total_budget_s: float = 20.0
+    # After the first `http_min_rate_grace_s`, a fetch slower than this on average is cut
+    # off at once instead of holding a slot until the total budget.
+    http_min_bytes_per_s: int = 16_384
+    http_min_rate_grace_s: float = 2.0
     max_redirects: int = 3
     # Networks exempted from the private-address ban (CIDR, e.g. "127.0.0.1/32" in tests
     # or an internal image CDN). Every redirect hop is checked again.

@@ -12,6 +12,7 @@ import asyncio
 import ipaddress
 import os
 import socket
+import time
 from pathlib import Path
 from urllib.parse import unquote, urljoin, urlsplit
 
@@ -104,6 +105,29 @@ class UriFetcher:
                 raise InvalidInput(f"URI host {host!r} resolves to a non-public address ({address}); refused")
 
     async def _fetch_http(self, uri: str) -> bytes:
+        """One fetch under three bounds, all INVALID_ARGUMENT naming their setting: the
+        remote host is the caller's choice, and UNAVAILABLE would tell callers that this
+        service is down and a retry is safe."""
+        s = self._settings
+        try:
+            async with asyncio.timeout(s.http_total_budget_s):
+                return await self._fetch_hops(uri, time.monotonic())
+        except TimeoutError:
+            raise InvalidInput(
+                f"fetching {uri!r} took longer than the total budget of {s.http_total_budget_s} s "
+                "(URIS__HTTP_TOTAL_BUDGET_S)"
+            ) from None
+
+    def _check_rate(self, uri: str, received: int, started: float) -> None:
+        s = self._settings
+        elapsed = time.monotonic() - started
+        if elapsed > s.http_min_rate_grace_s and received < s.http_min_bytes_per_s * elapsed:
+            raise InvalidInput(
+                f"fetching {uri!r} was slower than the minimum transfer rate of {s.http_min_bytes_per_s} bytes/s "
+                f"(URIS__HTTP_MIN_BYTES_PER_S): {received} bytes in {elapsed:.1f} s"
+            )
+
+    async def _fetch_hops(self, uri: str, started: float) -> bytes:
         if self._client is None:
             self._client = httpx.AsyncClient(timeout=self._settings.http_timeout_s, follow_redirects=False)
         url = uri
@@ -126,9 +150,13 @@ class UriFetcher:
                         body += chunk
                         if len(body) > self._max_bytes:
                             raise InvalidInput(f"remote image exceeds the limit of {self._max_bytes} bytes")
+                        self._check_rate(uri, len(body), started)
                     return bytes(body)
             except httpx.TimeoutException:
-                raise Unavailable(f"fetching {uri!r} timed out after {self._settings.http_timeout_s} s") from None
+                raise InvalidInput(
+                    f"fetching {uri!r} timed out: nothing received for {self._settings.http_timeout_s} s "
+                    "(URIS__HTTP_TIMEOUT_S)"
+                ) from None
             except httpx.HTTPError as e:
                 raise Unavailable(f"fetching {uri!r} failed: {type(e).__name__}") from None
         raise InvalidInput(f"too many redirects (> {self._settings.max_redirects}) for {uri!r}")
