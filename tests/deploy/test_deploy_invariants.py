@@ -190,7 +190,8 @@ def test_pdbs_and_topology_spread(overlay_name: str) -> None:
     for w in workloads(overlay_name):
         labels = w["spec"]["template"]["metadata"]["labels"]
         mine = [p for p in pdbs if matches(p["spec"]["selector"], labels)]
-        assert len(mine) == 1 and mine[0]["spec"].get("maxUnavailable") == 1, w["metadata"]["name"]
+        # Exactly one PDB; what it allows is checked in test_deploy_rollout.py.
+        assert len(mine) == 1, w["metadata"]["name"]
         tsc = pod_spec(w).get("topologySpreadConstraints", [])
         keys = {t["topologyKey"] for t in tsc}
         assert {"topology.kubernetes.io/zone", "kubernetes.io/hostname"} <= keys
