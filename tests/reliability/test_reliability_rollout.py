@@ -1,0 +1,110 @@
+"""An embedder rollout is invisible to callers (issue 14, "Draining under rollout").
+
+Two embedder processes (`python -m services.embedder`, DashScope backend against the local
+protocol fake) sit behind one search channel that resolves to both (round-robin, as search's
+channels do over a headless Service). During 30 s of text searches at 20 per second (open
+loop: each search starts on schedule whatever the others do), one embedder gets SIGTERM, as
+Kubernetes sends it in a rollout or a node drain: it turns NOT_SERVING, refuses new calls and
+finishes those in flight; search's channel moves new calls to the other replica and retries
+refused ones there. No search may fail.
+"""
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from mmsearch.common.v1 import types_pb2
+from mmsearch.search.v1 import search_pb2, search_pb2_grpc
+from tests.captioner.fakes import FakeUpstream
+from tests.conftest import MilvusLiteServer
+from tests.embedder.dashscope_fake import FakeDashScope
+from tests.reliability.helpers import ServiceProcess, distinct_images, ingest_all, items_of, start_search
+
+KEY = "sk-rollout-test-key"
+RATE_PER_S = 20
+DURATION_S = 30.0
+SIGTERM_AT_S = 10.0
+
+
+@pytest.fixture
+def fakes() -> Iterator[tuple[FakeUpstream, FakeDashScope]]:
+    captioner = FakeUpstream(protocol="dashscope", api_key=KEY).start()
+    embedder = FakeDashScope(api_key=KEY, dimension=64).start()
+    try:
+        yield captioner, embedder
+    finally:
+        captioner.stop()
+        embedder.stop()
+
+
+async def test_sigterm_to_one_of_two_embedders_fails_no_search(
+        fakes: tuple[FakeUpstream, FakeDashScope], milvus_server: MilvusLiteServer, tmp_path: Path) -> None:
+    cap_fake, emb_fake = fakes
+    embedder_env = {"EMBEDDER_LOG_LEVEL": "WARNING", "EMBEDDER_BACKEND": "dashscope",
+                    "EMBEDDER_DASHSCOPE__API_KEY": KEY, "EMBEDDER_DASHSCOPE__BASE_URL": emb_fake.base_url,
+                    "EMBEDDER_DASHSCOPE__DIMENSION": "64", "EMBEDDER_SHUTDOWN_GRACE_S": "5"}
+    embedders = [ServiceProcess("embedder", embedder_env, tmp_path / f"e{i}") for i in range(2)]
+    captioner = ServiceProcess("captioner", {"CAPTIONER_LOG_LEVEL": "WARNING", "CAPTIONER_BACKEND": "dashscope",
+                                             "CAPTIONER_API_KEY": KEY, "CAPTIONER_BASE_URL": cap_fake.base_url},
+                               tmp_path)
+    search = None
+    try:
+        for p in (*embedders, captioner):
+            p.log_path.parent.mkdir(parents=True, exist_ok=True)
+            p.start()
+        for p in (*embedders, captioner):
+            await p.wait_serving(120)
+        target = "ipv4:" + ",".join(e.address for e in embedders)
+        search = await start_search(milvus_server.uri, target, captioner.address, collection="rollout")
+        async with grpc.aio.insecure_channel(search.address) as channel:
+            stub = search_pb2_grpc.SearchStub(channel)
+            assert (await ingest_all(stub, items_of(distinct_images(8, seed=145)))).progress.stored == 8
+            failures: list[str] = []
+            latencies: list[float] = []
+
+            async def one_search(i: int) -> None:
+                start = time.perf_counter()
+                try:
+                    reply = await stub.Search(search_pb2.SearchRequest(
+                        query=types_pb2.Content(text=f"a photo number {i}"), top_k=3), timeout=10)
+                    assert len(reply.hits) == 3
+                except (grpc.aio.AioRpcError, AssertionError) as e:
+                    failures.append(f"search {i} at {time.perf_counter() - t0:.2f} s: {e!r}")
+                latencies.append(time.perf_counter() - start)
+
+            victim = embedders[0]
+            t0 = time.perf_counter()
+            tasks = []
+            terminated_at = None
+            for i in range(int(DURATION_S * RATE_PER_S)):
+                due = t0 + i / RATE_PER_S
+                await asyncio.sleep(max(0.0, due - time.perf_counter()))
+                if terminated_at is None and time.perf_counter() - t0 >= SIGTERM_AT_S:
+                    assert victim.proc is not None
+                    victim.proc.send_signal(signal.SIGTERM)  # what the kubelet sends
+                    terminated_at = time.perf_counter() - t0
+                tasks.append(asyncio.create_task(one_search(i)))
+            await asyncio.gather(*tasks)
+            elapsed = time.perf_counter() - t0
+            assert victim.proc is not None
+            exit_code = await asyncio.to_thread(victim.proc.wait, 15)
+            latencies.sort()
+            print(f"{len(tasks)} searches in {elapsed:.1f} s, SIGTERM at {terminated_at:.1f} s, "
+                  f"{len(failures)} failed; p50 {latencies[len(latencies) // 2] * 1000:.0f} ms, "
+                  f"p99 {latencies[int(len(latencies) * 0.99)] * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms; "
+                  f"victim exit code {exit_code}")
+            assert not failures, failures[:5]
+            assert len(tasks) == DURATION_S * RATE_PER_S
+            assert exit_code == 0, "the embedder drained and exited cleanly"
+            assert embedders[1].proc is not None and embedders[1].proc.poll() is None
+    finally:
+        if search is not None:
+            await search.stop(0.5)
+        for p in (*embedders, captioner):
+            p.stop()
