@@ -418,7 +418,10 @@ class SearchRequest(_message.Message):
     """
     filter: _builtins.str
     """A Milvus boolean expression over stored fields, e.g.
-    `metadata["label"] in ["cat", "dog"] and ingested_at_ms > 1700000000000`.
+    `(metadata["label"] == "cat" or metadata["label"] == "dog") and ingested_at_ms > 1700000000000`
+    or `array_contains(keywords, "cup")`. `in` over a JSON key (`metadata["label"] in
+    ["cat", "dog"]`) needs a Milvus server: embedded Milvus Lite refuses it
+    (INVALID_ARGUMENT with Milvus' message).
     At most `max_filter_chars` characters; read-only by construction.
     """
     @_builtins.property
