@@ -172,6 +172,7 @@ def up(
     start_timeout: Annotated[float, typer.Option(help="Seconds each service may take to become SERVING.")] = 300.0,
     log_level: Annotated[str | None, typer.Option(help="Services' log level (DEBUG, INFO, ...).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Show only warnings and errors from the services.")] = False,
+    keep_going: Annotated[bool, typer.Option("--keep-going", help="When a service dies after start-up, report it and keep the others serving (search degrades) instead of stopping everything.")] = False,
 ) -> None:
     """Start Milvus (embedded Milvus Lite by default), the embedder, the captioner and the search service; Ctrl-C stops them."""
     config = SuiteConfig(
@@ -196,6 +197,13 @@ def up(
         output.err_console.print(f"[bold green]✓[/] {name} ready on {address} ({took:.1f}s)")
         ready_lines.append(f"{name:<10} {address}")
 
+    def report_death(error: SuiteError) -> None:  # --keep-going
+        output.err_console.print(Text.assemble(("error: ", "bold red"), str(error)), highlight=False, soft_wrap=True)
+        output.err_console.print(
+            f"[yellow]--keep-going:[/] the other services keep running ({', '.join(suite.alive) or 'none'}); "
+            "search serves what it can without it (mmsearch health shows what is down). Ctrl-C stops everything.",
+            highlight=False)
+
     suite = LocalSuite(config, on_line=printer, on_ready=on_ready)
     restore = install_interrupt_handlers()
     output.err_console.print(
@@ -213,7 +221,7 @@ def up(
                     border_style="green",
                 )
             )
-            wait_forever(suite)
+            wait_forever(suite, keep_going=keep_going, on_death=report_death)
     except KeyboardInterrupt:
         output.err_console.print("stopped: all services shut down")
     except SuiteError as e:

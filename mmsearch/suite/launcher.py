@@ -99,6 +99,7 @@ class LocalSuite:
         self.specs = list(processes) if processes is not None else self._service_specs()
         self.processes: list[ManagedProcess] = []
         self._atexit_registered = False
+        self._reported_dead: set[str] = set()
 
     # -- addresses
 
@@ -199,6 +200,9 @@ class LocalSuite:
                 "SEARCH_MILVUS_URI": self.milvus_uri,
                 "SEARCH_EMBEDDER_TARGET": self.embedder_address,
                 "SEARCH_CAPTIONER_TARGET": self.captioner_address,
+                # Deferred items' images for `mmsearch backfill` (used with SEARCH_ON_CAPTION_FAILURE=defer).
+                "SEARCH_PENDING_IMAGES_DIR": str(self.data_dir / "pending-images"),
+                **{k: v for k, v in c.env.items() if k == "SEARCH_PENDING_IMAGES_DIR"},
             }
         )
         if c.file_root is not None:
@@ -269,6 +273,24 @@ class LocalSuite:
                     f"{proc.name} exited unexpectedly with code {code}", proc.name, proc.tail(), proc.log_file
                 )
 
+    def newly_dead(self) -> list[SuiteError]:
+        """Children that died since the last call, each reported once (`--keep-going`)."""
+        found = []
+        for proc in self.processes:
+            code = proc.returncode
+            if code is not None and proc.name not in self._reported_dead:
+                self._reported_dead.add(proc.name)
+                found.append(SuiteError(
+                    f"{proc.name} exited unexpectedly with code {code}", proc.name, proc.tail(), proc.log_file
+                ))
+        if found:
+            self._write_state()
+        return found
+
+    @property
+    def alive(self) -> list[str]:
+        return [p.name for p in self.processes if p.alive]
+
     def stop(self) -> None:
         """Stops children in reverse start order (search first, Milvus last). Idempotent."""
         if not self.processes:
@@ -303,7 +325,8 @@ class LocalSuite:
             "search_address": self.search_address,
             "milvus_uri": self.milvus_uri,
             "processes": [
-                {"name": p.name, "pid": p.pid, "address": p.spec.address, "ready": p.ready_after_s is not None}
+                {"name": p.name, "pid": p.pid, "address": p.spec.address, "ready": p.ready_after_s is not None,
+                 "alive": p.alive}
                 for p in self.processes
             ],
         }
@@ -348,10 +371,25 @@ def _stderr_sink(name: str, line: str) -> None:
     sys.stderr.write(f"[{name}] {line}\n")
 
 
-def wait_forever(suite: LocalSuite, poll_s: float = 1.0) -> None:
-    """Blocks until SIGINT / SIGTERM (as KeyboardInterrupt) or a child dies (SuiteError)."""
+def wait_forever(
+    suite: LocalSuite, poll_s: float = 1.0, *, keep_going: bool = False,
+    on_death: Callable[[SuiteError], None] | None = None,
+) -> None:
+    """Blocks until SIGINT / SIGTERM (as KeyboardInterrupt) or a child dies (SuiteError).
+
+    With `keep_going`, a child's death is handed to `on_death` (once per child) and the
+    others keep serving: the search service degrades without its embedder or captioner
+    (docs/operations.md). Only when no child is left does it raise SuiteError.
+    """
     while True:
-        suite.check()
+        if not keep_going:
+            suite.check()
+        else:
+            for death in suite.newly_dead():
+                if on_death is not None:
+                    on_death(death)
+            if not suite.alive:
+                raise SuiteError("every service has exited")
         time.sleep(poll_s)
 
 

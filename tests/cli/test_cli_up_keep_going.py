@@ -1,0 +1,118 @@
+"""`mmsearch up` when a service dies after start-up (issue 14).
+
+The real command (`python -m mmsearch.cli.main up`) with the real services as processes;
+the embedder and captioner use their DashScope backends against the local protocol fakes
+(so the suite starts in seconds), search an embedded Milvus Lite file. The captioner is
+killed with SIGKILL:
+- by default the launcher stops everything and exits 1, naming the dead service;
+- with `--keep-going` it reports the death and keeps the others serving (search answers
+  Stats and text search without the captioner); Ctrl-C / SIGTERM still stops everything.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mmsearch.client import SearchClient
+from tests.captioner.fakes import FakeUpstream
+from tests.cli.launcher_support import ROOT, alive, wait_gone
+from tests.conftest import free_port
+from tests.embedder.dashscope_fake import FakeDashScope
+
+KEY = "sk-keep-going-test-key"
+
+
+@pytest.fixture
+def fakes() -> Iterator[tuple[FakeUpstream, FakeDashScope]]:
+    captioner = FakeUpstream(protocol="dashscope", api_key=KEY).start()
+    embedder = FakeDashScope(api_key=KEY, dimension=64).start()
+    try:
+        yield captioner, embedder
+    finally:
+        captioner.stop()
+        embedder.stop()
+
+
+def start_up(fakes: tuple[FakeUpstream, FakeDashScope], data_dir: Path, *extra: str) -> tuple[
+        subprocess.Popen[str], dict[str, int], str]:
+    cap_fake, emb_fake = fakes
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200",
+           "EMBEDDER_DASHSCOPE__API_KEY": KEY, "EMBEDDER_DASHSCOPE__BASE_URL": emb_fake.base_url,
+           "EMBEDDER_DASHSCOPE__DIMENSION": "64", "CAPTIONER_API_KEY": KEY, "CAPTIONER_BASE_URL": cap_fake.base_url,
+           "SEARCH_SHUTDOWN_GRACE_S": "1", "EMBEDDER_SHUTDOWN_GRACE_S": "1", "CAPTIONER_SHUTDOWN_GRACE_S": "1"}
+    ports = [free_port() for _ in range(3)]
+    log = open(data_dir.parent / f"{data_dir.name}-up.log", "w")  # noqa: SIM115 - the child owns it
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mmsearch.cli.main", "up", "--data-dir", str(data_dir), "--no-metrics", "--quiet",
+         "--embedder-backend", "dashscope", "--captioner-backend", "dashscope", "--start-timeout", "120",
+         "--search-port", str(ports[0]), "--embedder-port", str(ports[1]), "--captioner-port", str(ports[2]), *extra],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    log.close()
+    state_file = data_dir / "suite.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, (data_dir.parent / f"{data_dir.name}-up.log").read_text()
+        if state_file.exists():
+            state = json.loads(state_file.read_text())
+            if len(state["processes"]) == 3 and all(p["ready"] for p in state["processes"]):
+                return proc, {p["name"]: p["pid"] for p in state["processes"]}, state["search_address"]
+        time.sleep(0.2)
+    raise AssertionError("the suite did not start")
+
+
+def output_of(data_dir: Path) -> str:
+    return (data_dir.parent / f"{data_dir.name}-up.log").read_text(errors="replace")
+
+
+def test_by_default_one_dead_service_stops_the_whole_suite(
+        fakes: tuple[FakeUpstream, FakeDashScope], tmp_path: Path) -> None:
+    data_dir = tmp_path / "default"
+    proc, pids, _ = start_up(fakes, data_dir)
+    try:
+        os.kill(pids["captioner"], signal.SIGKILL)
+        assert proc.wait(timeout=60) == 1
+        assert "captioner exited unexpectedly" in output_of(data_dir)
+        assert wait_gone(list(pids.values()), 10) == [], "the other services were stopped"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_keep_going_reports_the_death_and_keeps_the_rest_serving(
+        fakes: tuple[FakeUpstream, FakeDashScope], tmp_path: Path) -> None:
+    data_dir = tmp_path / "keep"
+    proc, pids, address = start_up(fakes, data_dir, "--keep-going")
+    try:
+        os.kill(pids["captioner"], signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while "captioner exited unexpectedly" not in output_of(data_dir):
+            assert time.monotonic() < deadline, output_of(data_dir)
+            time.sleep(0.2)
+        time.sleep(1.5)  # a few of the launcher's polls
+        assert proc.poll() is None, "the launcher keeps running"
+        assert "--keep-going" in output_of(data_dir)
+        assert alive(pids["search"]) and alive(pids["embedder"])
+        state = {p["name"]: p["alive"] for p in json.loads((data_dir / "suite.json").read_text())["processes"]}
+        assert state == {"embedder": True, "captioner": False, "search": True}
+        with SearchClient(address, timeout=10) as client:
+            assert client.health() == "SERVING"
+            assert client.health("ingest.caption") == "NOT_SERVING"
+            assert client.stats().item_count == 0
+            try:
+                assert client.search(text="a cat", top_k=3).hits == []
+            except Exception as e:  # noqa: BLE001
+                raise AssertionError(f"text search without the captioner: {e}") from e
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert wait_gone(list(pids.values()), 10) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
