@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.common.interceptors import BearerTokenInterceptor, ErrorMappingInterceptor, StartupGate
 from services.common.log import configure_logging, get_logger
+from services.common.memory import return_large_frees_to_the_os
 from services.common.metrics import MetricsInterceptor, start_metrics_server
 from services.common.security import server_credentials
 from services.common.settings import ServerSettings
@@ -200,6 +201,8 @@ async def serve(settings: ServerSettings, app: GrpcApp) -> None:
 
 def run(settings: ServerSettings, app_factory: Callable[[], GrpcApp]) -> None:
     """Entry point for `python -m services.<name>`."""
+    if settings.return_freed_memory:
+        return_large_frees_to_the_os()  # see memory.py: decoded images must not stay resident
     configure_logging(settings.log_level, settings.log_json, service=settings.__class__.__name__)
 
     async def main() -> None:

@@ -103,6 +103,9 @@ class ServerSettings(BaseSettings):
     # connection at once). Unset: until they finish, so a long Ingest stream is never cut
     # by ageing (with a bound, it ended UNAVAILABLE "max connection age" mid-stream).
     max_connection_age_grace_s: float | None = None
+    # Fix glibc's mmap threshold at 1 MiB so freed image buffers leave the process
+    # (services/common/memory.py); off only to compare (bench/image_memory.py).
+    return_freed_memory: bool = True
     log_level: str = "INFO"
     log_json: bool = True
     tls: TlsSettings = Field(default_factory=TlsSettings)
