@@ -6,10 +6,13 @@ exponential backoff without a hand-written loop; calls are spread round-robin.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import grpc
 
 from mmsearch.client._channel import retry_service_config
-from services.common.security import channel_credentials
+from services.common.security import channel_credentials, client_files_stamp
 from services.common.settings import ClientTlsSettings, MiB
 
 
@@ -41,3 +44,50 @@ def create_channel(
     if tls and tls.server_name_override:
         options.append(("grpc.ssl_target_name_override", tls.server_name_override))
     return grpc.aio.secure_channel(target, creds, options=options)
+
+
+class ReloadingChannel:
+    """A long-lived channel whose TLS files may be renewed under the running process.
+
+    `reload_if_changed()` (called about once a second by the owner) rebuilds the channel
+    when the CA / certificate / key files change; calls in flight finish on the old
+    channel, which is closed after `old_channel_grace_s`. Unreadable files keep the old
+    channel (and are retried at the next check).
+    """
+
+    def __init__(self, target: str, tls: ClientTlsSettings | None = None, max_message_bytes: int = 64 * MiB,
+                 retry_attempts: int = 4, old_channel_grace_s: float = 120.0) -> None:
+        self._args = (target, tls, max_message_bytes, retry_attempts)
+        self._tls = tls
+        self._stamp = client_files_stamp(tls)
+        self.channel = create_channel(*self._args)
+        self.generation = 0
+        self._grace_s = old_channel_grace_s
+        self._retired: set[asyncio.Task[None]] = set()
+
+    def reload_if_changed(self) -> bool:
+        stamp = client_files_stamp(self._tls)
+        if stamp == self._stamp:
+            return False
+        try:
+            fresh = create_channel(*self._args)
+        except OSError:
+            return False
+        self._stamp = stamp
+        old, self.channel = self.channel, fresh
+        self.generation += 1
+        task = asyncio.get_running_loop().create_task(self._close_later(old))
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
+        return True
+
+    async def _close_later(self, channel: grpc.aio.Channel) -> None:
+        await asyncio.sleep(self._grace_s)
+        await channel.close()
+
+    async def close(self) -> None:
+        for task in list(self._retired):
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        await self.channel.close()

@@ -113,6 +113,9 @@ class SearchService:
             delay = min(delay * 2, 5.0)
 
     async def ready(self) -> dict[str, bool]:
+        for client in (self.embedder, self.captioner):  # renewed TLS files (cert-manager)
+            if client.reload_tls():
+                log.info("upstream TLS files changed: new connections use them", upstream=type(client).__name__)
         milvus, embedder, captioner = await asyncio.gather(
             self.store.ping(), self.embedder.health(), self.captioner.health(), return_exceptions=True
         )

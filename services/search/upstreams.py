@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mmsearch.captioner.v1 import captioner_pb2, captioner_pb2_grpc
 from mmsearch.common.v1 import types_pb2
 from mmsearch.embedder.v1 import embedder_pb2, embedder_pb2_grpc
-from services.common.channels import create_channel
+from services.common.channels import ReloadingChannel
 from services.common.convert import Content, content_to_proto
 from services.common.errors import DeadlineExceeded, InvalidInput, Overloaded, ServiceError, Unavailable
 from services.search.settings import SearchSettings
@@ -63,8 +63,9 @@ async def _serving(channel: grpc.aio.Channel, timeout_s: float) -> bool:
 
 
 class EmbedderClient:
+    _stub_type = embedder_pb2_grpc.EmbedderStub
     def __init__(self, settings: SearchSettings) -> None:
-        self._channel = create_channel(
+        self._rc = ReloadingChannel(
             settings.embedder_target, settings.upstream_tls, settings.max_send_message_bytes, settings.upstream_attempts
         )
         self._stub = embedder_pb2_grpc.EmbedderStub(self._channel)
@@ -99,13 +100,25 @@ class EmbedderClient:
     async def health(self) -> bool | None:
         return await _health(self._channel, 2.0)
 
+    @property
+    def _channel(self) -> grpc.aio.Channel:
+        return self._rc.channel
+
+    def reload_tls(self) -> bool:
+        """New connections use renewed certificate files (calls in flight keep theirs)."""
+        if not self._rc.reload_if_changed():
+            return False
+        self._stub = self._stub_type(self._rc.channel)
+        return True
+
     async def close(self) -> None:
-        await self._channel.close()
+        await self._rc.close()
 
 
 class CaptionerClient:
+    _stub_type = captioner_pb2_grpc.CaptionerStub
     def __init__(self, settings: SearchSettings) -> None:
-        self._channel = create_channel(
+        self._rc = ReloadingChannel(
             settings.captioner_target, settings.upstream_tls, settings.max_send_message_bytes, settings.upstream_attempts
         )
         self._stub = captioner_pb2_grpc.CaptionerStub(self._channel)
@@ -134,5 +147,16 @@ class CaptionerClient:
     async def health(self) -> bool | None:
         return await _health(self._channel, 2.0)
 
+    @property
+    def _channel(self) -> grpc.aio.Channel:
+        return self._rc.channel
+
+    def reload_tls(self) -> bool:
+        """New connections use renewed certificate files (calls in flight keep theirs)."""
+        if not self._rc.reload_if_changed():
+            return False
+        self._stub = self._stub_type(self._rc.channel)
+        return True
+
     async def close(self) -> None:
-        await self._channel.close()
+        await self._rc.close()

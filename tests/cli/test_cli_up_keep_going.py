@@ -106,10 +106,7 @@ def test_keep_going_reports_the_death_and_keeps_the_rest_serving(
             assert client.health() == "SERVING"
             assert client.health("ingest.caption") == "NOT_SERVING"
             assert client.stats().item_count == 0
-            try:
-                assert client.search(text="a cat", top_k=3).hits == []
-            except Exception as e:  # noqa: BLE001
-                raise AssertionError(f"text search without the captioner: {e}") from e
+            assert client.search(text="a cat", top_k=3).hits == [], "text search works without the captioner"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         assert wait_gone(list(pids.values()), 10) == []

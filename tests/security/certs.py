@@ -51,14 +51,14 @@ def _write(path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey |
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
 
 
-def _ca(cn: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def _ca(cn: str, days: float = 1) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = _key()
     now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name(cn)).issuer_name(_name(cn)).public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
                                      content_commitment=False, key_encipherment=False, data_encipherment=False,
@@ -69,7 +69,7 @@ def _ca(cn: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     return cert, key
 
 
-def _leaf(ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, cn: str, server: bool) -> tuple[
+def _leaf(ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, cn: str, server: bool, days: float = 1) -> tuple[
         x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = _key()
     now = dt.datetime.now(dt.UTC)
@@ -77,7 +77,7 @@ def _leaf(ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, cn: str, ser
         x509.CertificateBuilder()
         .subject_name(_name(cn)).issuer_name(ca.subject).public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage(
             [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
@@ -89,7 +89,8 @@ def _leaf(ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, cn: str, ser
     return builder.sign(ca_key, hashes.SHA256()), key
 
 
-def make_pki(folder: Path) -> Pki:
+def make_pki(folder: Path, days: float = 1) -> Pki:
+    """Certificates valid for `days` (rotation tests renew with a longer life)."""
     folder.mkdir(parents=True, exist_ok=True)
 
     def pair(name: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> Pair:
@@ -97,14 +98,14 @@ def make_pki(folder: Path) -> Pki:
         _write(path, cert, key)
         return Pair(path, path.with_suffix(".key"))
 
-    ca, ca_key = _ca("mmsearch test CA")
+    ca, ca_key = _ca("mmsearch test CA", days)
     other, other_key = _ca("some other CA")
     _write(folder / "ca.crt", ca)
     _write(folder / "other-ca.crt", other)
     return Pki(
         ca=folder / "ca.crt",
-        server=pair("server", *_leaf(ca, ca_key, "localhost", server=True)),
-        client=pair("client", *_leaf(ca, ca_key, "search", server=False)),
+        server=pair("server", *_leaf(ca, ca_key, "localhost", server=True, days=days)),
+        client=pair("client", *_leaf(ca, ca_key, "search", server=False, days=days)),
         other_ca=folder / "other-ca.crt",
         other_client=pair("other-client", *_leaf(other, other_key, "intruder", server=False)),
         other_server=pair("other-server", *_leaf(other, other_key, "localhost", server=True)),
