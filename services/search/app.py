@@ -90,8 +90,11 @@ class SearchService:
 
     async def _bind_embedder(self) -> None:
         """Learns the embedder's model and binds the collection to it, retrying forever."""
-        delay = 0.5
+        # One Info call a second while the embedder is away: cheap, and text search is back
+        # about a second after the embedder serves again.
+        delay, attempt = 0.25, 0
         while self.info is None:
+            attempt += 1
             try:
                 info = await self.embedder.info()
                 await self.store.ensure_collection(info.model_id, info.dimension)
@@ -100,7 +103,7 @@ class SearchService:
                     log.error("embedder does not match the collection", error=e.message)
                 self.bind_error, self.guard_failed = e.message, True
             except ServiceError as e:
-                if delay >= 4:
+                if attempt % 30 == 5:
                     log.info("waiting for the embedder", target=self.settings.embedder_target, error=e.message)
                 self.bind_error, self.guard_failed = e.message, False
             else:
@@ -110,7 +113,7 @@ class SearchService:
                          dimension=info.dimension, milvus=self.store.mode)
                 return
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            delay = min(delay * 2, 1.0)
 
     async def ready(self) -> dict[str, bool]:
         for client in (self.embedder, self.captioner):  # renewed TLS files (cert-manager)

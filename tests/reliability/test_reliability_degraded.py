@@ -248,6 +248,11 @@ async def test_captioner_killed_search_serves_ingest_defers_then_backfill_captio
             for o in deferred.values():
                 assert "caption failed" in o.error.message and "captioner" in o.error.message
             late_ids = [late.outcomes[i].id for i in range(10)]
+            # With a caller-supplied caption Ingest needs only the embedder and Milvus.
+            given = await ingest_all(stub, items_of(distinct_images(1, seed=146), caption=search_pb2.CaptionInput(
+                description="a given caption", keywords=["given"])))
+            assert given.progress.stored == 1, given.progress
+            await stub.Delete(search_pb2.DeleteRequest(ids=[given.outcomes[0].id]), timeout=10)
             got = await stub.Get(search_pb2.GetRequest(ids=late_ids), timeout=10)
             assert all(r.caption_pending and not r.caption for r in got.records) and len(got.records) == 10
             # Searchable by image at once; never in caption searches (no made-up caption vector).
