@@ -222,7 +222,7 @@ def test_get_delete_ids_are_bounded_and_valid(ids: list[str]) -> None:
 # --- search request decoding (servicer + engine validation) ---------------------------------------
 
 
-ENGINE = SearchEngine(SearchSettings(), store=None, embedder=None, intake=None, dimension=8)  # type: ignore[arg-type]
+ENGINE = SearchEngine(SearchSettings(), store=None, embedder=None, intake=None)  # type: ignore[arg-type]
 
 
 @FAST
