@@ -26,21 +26,23 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from mmsearch.common.v1 import types_pb2 as mmsearch_dot_common_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmmsearch/search/v1/search.proto\x12\x12mmsearch.search.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1emmsearch/common/v1/types.proto\"5\n\x0c\x43\x61ptionInput\x12\x13\n\x0b\x64\x65scription\x18\x01 \x01(\t\x12\x10\n\x08keywords\x18\x02 \x03(\t\"\xa0\x01\n\nIngestItem\x12(\n\x05image\x18\x01 \x01(\x0b\x32\x19.mmsearch.common.v1.Image\x12\n\n\x02id\x18\x02 \x01(\t\x12\x15\n\rmetadata_json\x18\x03 \x01(\t\x12\x31\n\x07\x63\x61ption\x18\x04 \x01(\x0b\x32 .mmsearch.search.v1.CaptionInput\x12\x12\n\nsource_uri\x18\x05 \x01(\t\">\n\rIngestRequest\x12-\n\x05items\x18\x01 \x03(\x0b\x32\x1e.mmsearch.search.v1.IngestItem\"\x86\x01\n\x0bItemOutcome\x12\r\n\x05index\x18\x01 \x01(\x04\x12\n\n\x02id\x18\x02 \x01(\t\x12.\n\x06status\x18\x03 \x01(\x0e\x32\x1e.mmsearch.search.v1.ItemStatus\x12,\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x1d.mmsearch.common.v1.ItemError\"\x8d\x01\n\x0eIngestProgress\x12\x10\n\x08received\x18\x01 \x01(\x04\x12\x0e\n\x06stored\x18\x02 \x01(\x04\x12\x11\n\tunchanged\x18\x03 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x04 \x01(\x04\x12\x11\n\tin_flight\x18\x05 \x01(\x04\x12\x11\n\tduplicate\x18\x06 \x01(\x04\x12\x10\n\x08\x64\x65\x66\x65rred\x18\x07 \x01(\x04\"y\n\x0eIngestResponse\x12\x31\n\x08outcomes\x18\x01 \x03(\x0b\x32\x1f.mmsearch.search.v1.ItemOutcome\x12\x34\n\x08progress\x18\x02 \x01(\x0b\x32\".mmsearch.search.v1.IngestProgress\"w\n\x06\x46usion\x12\x30\n\x06method\x18\x01 \x01(\x0e\x32 .mmsearch.search.v1.FusionMethod\x12\r\n\x05rrf_k\x18\x02 \x01(\r\x12\x14\n\x0cimage_weight\x18\x03 \x01(\x02\x12\x16\n\x0e\x63\x61ption_weight\x18\x04 \x01(\x02\"\x8e\x02\n\rSearchRequest\x12*\n\x05query\x18\x01 \x01(\x0b\x32\x1b.mmsearch.common.v1.Content\x12\x33\n\x0cquery_vector\x18\x02 \x01(\x0b\x32\x1d.mmsearch.common.v1.Embedding\x12*\n\x06target\x18\x03 \x01(\x0e\x32\x1a.mmsearch.search.v1.Target\x12*\n\x06\x66usion\x18\x04 \x01(\x0b\x32\x1a.mmsearch.search.v1.Fusion\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x0e\n\x06offset\x18\x06 \x01(\x05\x12\x0e\n\x06\x66ilter\x18\x07 \x01(\t\x12\x15\n\routput_fields\x18\x08 \x03(\t\"\xf6\x01\n\x03Hit\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x0b\n\x03uri\x18\x04 \x01(\t\x12\x0f\n\x07\x63\x61ption\x18\x05 \x01(\t\x12\x10\n\x08keywords\x18\x06 \x03(\t\x12\x15\n\rmetadata_json\x18\x07 \x01(\t\x12\x19\n\x11\x65mbedder_model_id\x18\x08 \x01(\t\x12\x1a\n\x12\x63\x61ptioner_model_id\x18\t \x01(\t\x12/\n\x0bingested_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x63\x61ption_pending\x18\x0b \x01(\x08\"F\n\rSearchTimings\x12\x10\n\x08\x65mbed_ms\x18\x01 \x01(\x01\x12\x11\n\tmilvus_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\x97\x01\n\x0eSearchResponse\x12%\n\x04hits\x18\x01 \x03(\x0b\x32\x17.mmsearch.search.v1.Hit\x12*\n\x06target\x18\x02 \x01(\x0e\x32\x1a.mmsearch.search.v1.Target\x12\x32\n\x07timings\x18\x03 \x01(\x0b\x32!.mmsearch.search.v1.SearchTimings\"\xf4\x01\n\x06Record\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12\x0f\n\x07\x63\x61ption\x18\x03 \x01(\t\x12\x10\n\x08keywords\x18\x04 \x03(\t\x12\x15\n\rmetadata_json\x18\x05 \x01(\t\x12\x19\n\x11\x65mbedder_model_id\x18\x06 \x01(\t\x12\x1a\n\x12\x63\x61ptioner_model_id\x18\x07 \x01(\t\x12/\n\x0bingested_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x63ontent_sha256\x18\t \x01(\t\x12\x17\n\x0f\x63\x61ption_pending\x18\n \x01(\x08\"\x19\n\nGetRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\"O\n\x0bGetResponse\x12+\n\x07records\x18\x01 \x03(\x0b\x32\x1a.mmsearch.search.v1.Record\x12\x13\n\x0bmissing_ids\x18\x02 \x03(\t\"\x1c\n\rDeleteRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\"\'\n\x0e\x44\x65leteResponse\x12\x15\n\rdeleted_count\x18\x01 \x01(\x04\"\x0e\n\x0cStatsRequest\"\xde\x01\n\rStatsResponse\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x12\n\nitem_count\x18\x02 \x01(\x04\x12\x19\n\x11\x65mbedder_model_id\x18\x03 \x01(\t\x12\x11\n\tdimension\x18\x04 \x01(\r\x12\x1a\n\x12\x63\x61ptioner_model_id\x18\x05 \x01(\t\x12\x12\n\nindex_type\x18\x06 \x01(\t\x12\x13\n\x0bmetric_type\x18\x07 \x01(\t\x12\x13\n\x0bmilvus_mode\x18\x08 \x01(\t\x12\x1d\n\x15\x63\x61ption_pending_count\x18\t \x01(\x04\"=\n\x0f\x42\x61\x63kfillRequest\x12\x11\n\tmax_items\x18\x01 \x01(\r\x12\x17\n\x0fmax_items_per_s\x18\x02 \x01(\x02\"\x7f\n\x0f\x42\x61\x63kfillOutcome\x12\n\n\x02id\x18\x01 \x01(\t\x12\x32\n\x06status\x18\x02 \x01(\x0e\x32\".mmsearch.search.v1.BackfillStatus\x12,\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1d.mmsearch.common.v1.ItemError\"U\n\x10\x42\x61\x63kfillProgress\x12\r\n\x05total\x18\x01 \x01(\x04\x12\x11\n\tcaptioned\x18\x02 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x03 \x01(\x04\x12\x0f\n\x07skipped\x18\x04 \x01(\x04\"\x81\x01\n\x10\x42\x61\x63kfillResponse\x12\x35\n\x08outcomes\x18\x01 \x03(\x0b\x32#.mmsearch.search.v1.BackfillOutcome\x12\x36\n\x08progress\x18\x02 \x01(\x0b\x32$.mmsearch.search.v1.BackfillProgress*\xa9\x01\n\nItemStatus\x12\x1b\n\x17ITEM_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12ITEM_STATUS_STORED\x10\x01\x12\x19\n\x15ITEM_STATUS_UNCHANGED\x10\x02\x12\x16\n\x12ITEM_STATUS_FAILED\x10\x03\x12\x19\n\x15ITEM_STATUS_DUPLICATE\x10\x04\x12\x18\n\x14ITEM_STATUS_DEFERRED\x10\x05*Y\n\x06Target\x12\x16\n\x12TARGET_UNSPECIFIED\x10\x00\x12\x10\n\x0cTARGET_IMAGE\x10\x01\x12\x12\n\x0eTARGET_CAPTION\x10\x02\x12\x11\n\rTARGET_HYBRID\x10\x03*`\n\x0c\x46usionMethod\x12\x1d\n\x19\x46USION_METHOD_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46USION_METHOD_RRF\x10\x01\x12\x1a\n\x16\x46USION_METHOD_WEIGHTED\x10\x02*\x89\x01\n\x0e\x42\x61\x63kfillStatus\x12\x1f\n\x1b\x42\x41\x43KFILL_STATUS_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x42\x41\x43KFILL_STATUS_CAPTIONED\x10\x01\x12\x1a\n\x16\x42\x41\x43KFILL_STATUS_FAILED\x10\x02\x12\x1b\n\x17\x42\x41\x43KFILL_STATUS_SKIPPED\x10\x03\x32\xee\x03\n\x06Search\x12S\n\x06Ingest\x12!.mmsearch.search.v1.IngestRequest\x1a\".mmsearch.search.v1.IngestResponse(\x01\x30\x01\x12O\n\x06Search\x12!.mmsearch.search.v1.SearchRequest\x1a\".mmsearch.search.v1.SearchResponse\x12\x46\n\x03Get\x12\x1e.mmsearch.search.v1.GetRequest\x1a\x1f.mmsearch.search.v1.GetResponse\x12O\n\x06\x44\x65lete\x12!.mmsearch.search.v1.DeleteRequest\x1a\".mmsearch.search.v1.DeleteResponse\x12L\n\x05Stats\x12 .mmsearch.search.v1.StatsRequest\x1a!.mmsearch.search.v1.StatsResponse\x12W\n\x08\x42\x61\x63kfill\x12#.mmsearch.search.v1.BackfillRequest\x1a$.mmsearch.search.v1.BackfillResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmmsearch/search/v1/search.proto\x12\x12mmsearch.search.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1emmsearch/common/v1/types.proto\"5\n\x0c\x43\x61ptionInput\x12\x13\n\x0b\x64\x65scription\x18\x01 \x01(\t\x12\x10\n\x08keywords\x18\x02 \x03(\t\"\xa0\x01\n\nIngestItem\x12(\n\x05image\x18\x01 \x01(\x0b\x32\x19.mmsearch.common.v1.Image\x12\n\n\x02id\x18\x02 \x01(\t\x12\x15\n\rmetadata_json\x18\x03 \x01(\t\x12\x31\n\x07\x63\x61ption\x18\x04 \x01(\x0b\x32 .mmsearch.search.v1.CaptionInput\x12\x12\n\nsource_uri\x18\x05 \x01(\t\">\n\rIngestRequest\x12-\n\x05items\x18\x01 \x03(\x0b\x32\x1e.mmsearch.search.v1.IngestItem\"\x86\x01\n\x0bItemOutcome\x12\r\n\x05index\x18\x01 \x01(\x04\x12\n\n\x02id\x18\x02 \x01(\t\x12.\n\x06status\x18\x03 \x01(\x0e\x32\x1e.mmsearch.search.v1.ItemStatus\x12,\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x1d.mmsearch.common.v1.ItemError\"\x8d\x01\n\x0eIngestProgress\x12\x10\n\x08received\x18\x01 \x01(\x04\x12\x0e\n\x06stored\x18\x02 \x01(\x04\x12\x11\n\tunchanged\x18\x03 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x04 \x01(\x04\x12\x11\n\tin_flight\x18\x05 \x01(\x04\x12\x11\n\tduplicate\x18\x06 \x01(\x04\x12\x10\n\x08\x64\x65\x66\x65rred\x18\x07 \x01(\x04\"y\n\x0eIngestResponse\x12\x31\n\x08outcomes\x18\x01 \x03(\x0b\x32\x1f.mmsearch.search.v1.ItemOutcome\x12\x34\n\x08progress\x18\x02 \x01(\x0b\x32\".mmsearch.search.v1.IngestProgress\"A\n\x03Leg\x12*\n\x06target\x18\x01 \x01(\x0e\x32\x1a.mmsearch.search.v1.Target\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"b\n\x07\x45xample\x12.\n\x07\x63ontent\x18\x01 \x01(\x0b\x32\x1b.mmsearch.common.v1.ContentH\x00\x12\x0c\n\x02id\x18\x02 \x01(\tH\x00\x12\x0e\n\x06weight\x18\x03 \x01(\x02\x42\t\n\x07\x65xample\"&\n\x07GroupBy\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\r\"\x89\x01\n\x05\x44\x65\x63\x61y\x12\x33\n\x08\x66unction\x18\x01 \x01(\x0e\x32!.mmsearch.search.v1.DecayFunction\x12\r\n\x05\x66ield\x18\x02 \x01(\t\x12\x0e\n\x06origin\x18\x03 \x01(\x01\x12\r\n\x05scale\x18\x04 \x01(\x01\x12\x0e\n\x06offset\x18\x05 \x01(\x01\x12\r\n\x05\x64\x65\x63\x61y\x18\x06 \x01(\x01\"w\n\x06\x46usion\x12\x30\n\x06method\x18\x01 \x01(\x0e\x32 .mmsearch.search.v1.FusionMethod\x12\r\n\x05rrf_k\x18\x02 \x01(\r\x12\x14\n\x0cimage_weight\x18\x03 \x01(\x02\x12\x16\n\x0e\x63\x61ption_weight\x18\x04 \x01(\x02\"\xf4\x03\n\rSearchRequest\x12*\n\x05query\x18\x01 \x01(\x0b\x32\x1b.mmsearch.common.v1.Content\x12\x33\n\x0cquery_vector\x18\x02 \x01(\x0b\x32\x1d.mmsearch.common.v1.Embedding\x12*\n\x06target\x18\x03 \x01(\x0e\x32\x1a.mmsearch.search.v1.Target\x12*\n\x06\x66usion\x18\x04 \x01(\x0b\x32\x1a.mmsearch.search.v1.Fusion\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x0e\n\x06offset\x18\x06 \x01(\x05\x12\x0e\n\x06\x66ilter\x18\x07 \x01(\t\x12\x15\n\routput_fields\x18\x08 \x03(\t\x12%\n\x04legs\x18\t \x03(\x0b\x32\x17.mmsearch.search.v1.Leg\x12\x0f\n\x07like_id\x18\n \x01(\t\x12-\n\x08\x65xamples\x18\x0b \x03(\x0b\x32\x1b.mmsearch.search.v1.Example\x12\x16\n\tmin_score\x18\x0c \x01(\x02H\x00\x88\x01\x01\x12-\n\x08group_by\x18\r \x01(\x0b\x32\x1b.mmsearch.search.v1.GroupBy\x12(\n\x05\x64\x65\x63\x61y\x18\x0e \x01(\x0b\x32\x19.mmsearch.search.v1.DecayB\x0c\n\n_min_score\"h\n\x10SearchAllRequest\x12\x31\n\x06search\x18\x01 \x01(\x0b\x32!.mmsearch.search.v1.SearchRequest\x12\r\n\x05limit\x18\x02 \x01(\x04\x12\x12\n\nbatch_size\x18\x03 \x01(\r\"H\n\x11SearchAllResponse\x12%\n\x04hits\x18\x01 \x03(\x0b\x32\x17.mmsearch.search.v1.Hit\x12\x0c\n\x04sent\x18\x02 \x01(\x04\"\xf6\x01\n\x03Hit\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x0b\n\x03uri\x18\x04 \x01(\t\x12\x0f\n\x07\x63\x61ption\x18\x05 \x01(\t\x12\x10\n\x08keywords\x18\x06 \x03(\t\x12\x15\n\rmetadata_json\x18\x07 \x01(\t\x12\x19\n\x11\x65mbedder_model_id\x18\x08 \x01(\t\x12\x1a\n\x12\x63\x61ptioner_model_id\x18\t \x01(\t\x12/\n\x0bingested_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x63\x61ption_pending\x18\x0b \x01(\x08\"F\n\rSearchTimings\x12\x10\n\x08\x65mbed_ms\x18\x01 \x01(\x01\x12\x11\n\tmilvus_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\x97\x01\n\x0eSearchResponse\x12%\n\x04hits\x18\x01 \x03(\x0b\x32\x17.mmsearch.search.v1.Hit\x12*\n\x06target\x18\x02 \x01(\x0e\x32\x1a.mmsearch.search.v1.Target\x12\x32\n\x07timings\x18\x03 \x01(\x0b\x32!.mmsearch.search.v1.SearchTimings\"\xf4\x01\n\x06Record\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12\x0f\n\x07\x63\x61ption\x18\x03 \x01(\t\x12\x10\n\x08keywords\x18\x04 \x03(\t\x12\x15\n\rmetadata_json\x18\x05 \x01(\t\x12\x19\n\x11\x65mbedder_model_id\x18\x06 \x01(\t\x12\x1a\n\x12\x63\x61ptioner_model_id\x18\x07 \x01(\t\x12/\n\x0bingested_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x63ontent_sha256\x18\t \x01(\t\x12\x17\n\x0f\x63\x61ption_pending\x18\n \x01(\x08\"\x19\n\nGetRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\"O\n\x0bGetResponse\x12+\n\x07records\x18\x01 \x03(\x0b\x32\x1a.mmsearch.search.v1.Record\x12\x13\n\x0bmissing_ids\x18\x02 \x03(\t\"\x1c\n\rDeleteRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\"\'\n\x0e\x44\x65leteResponse\x12\x15\n\rdeleted_count\x18\x01 \x01(\x04\"\x0e\n\x0cStatsRequest\"\x8d\x02\n\rStatsResponse\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x12\n\nitem_count\x18\x02 \x01(\x04\x12\x19\n\x11\x65mbedder_model_id\x18\x03 \x01(\t\x12\x11\n\tdimension\x18\x04 \x01(\r\x12\x1a\n\x12\x63\x61ptioner_model_id\x18\x05 \x01(\t\x12\x12\n\nindex_type\x18\x06 \x01(\t\x12\x13\n\x0bmetric_type\x18\x07 \x01(\t\x12\x13\n\x0bmilvus_mode\x18\x08 \x01(\t\x12\x1d\n\x15\x63\x61ption_pending_count\x18\t \x01(\x04\x12\x15\n\rkeyword_index\x18\n \x01(\x08\x12\x16\n\x0eindexed_fields\x18\x0b \x03(\t\"=\n\x0f\x42\x61\x63kfillRequest\x12\x11\n\tmax_items\x18\x01 \x01(\r\x12\x17\n\x0fmax_items_per_s\x18\x02 \x01(\x02\"\x7f\n\x0f\x42\x61\x63kfillOutcome\x12\n\n\x02id\x18\x01 \x01(\t\x12\x32\n\x06status\x18\x02 \x01(\x0e\x32\".mmsearch.search.v1.BackfillStatus\x12,\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1d.mmsearch.common.v1.ItemError\"U\n\x10\x42\x61\x63kfillProgress\x12\r\n\x05total\x18\x01 \x01(\x04\x12\x11\n\tcaptioned\x18\x02 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x03 \x01(\x04\x12\x0f\n\x07skipped\x18\x04 \x01(\x04\"\x81\x01\n\x10\x42\x61\x63kfillResponse\x12\x35\n\x08outcomes\x18\x01 \x03(\x0b\x32#.mmsearch.search.v1.BackfillOutcome\x12\x36\n\x08progress\x18\x02 \x01(\x0b\x32$.mmsearch.search.v1.BackfillProgress*\xa9\x01\n\nItemStatus\x12\x1b\n\x17ITEM_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12ITEM_STATUS_STORED\x10\x01\x12\x19\n\x15ITEM_STATUS_UNCHANGED\x10\x02\x12\x16\n\x12ITEM_STATUS_FAILED\x10\x03\x12\x19\n\x15ITEM_STATUS_DUPLICATE\x10\x04\x12\x18\n\x14ITEM_STATUS_DEFERRED\x10\x05*m\n\x06Target\x12\x16\n\x12TARGET_UNSPECIFIED\x10\x00\x12\x10\n\x0cTARGET_IMAGE\x10\x01\x12\x12\n\x0eTARGET_CAPTION\x10\x02\x12\x11\n\rTARGET_HYBRID\x10\x03\x12\x12\n\x0eTARGET_KEYWORD\x10\x04*|\n\rDecayFunction\x12\x1e\n\x1a\x44\x45\x43\x41Y_FUNCTION_UNSPECIFIED\x10\x00\x12\x18\n\x14\x44\x45\x43\x41Y_FUNCTION_GAUSS\x10\x01\x12\x16\n\x12\x44\x45\x43\x41Y_FUNCTION_EXP\x10\x02\x12\x19\n\x15\x44\x45\x43\x41Y_FUNCTION_LINEAR\x10\x03*`\n\x0c\x46usionMethod\x12\x1d\n\x19\x46USION_METHOD_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46USION_METHOD_RRF\x10\x01\x12\x1a\n\x16\x46USION_METHOD_WEIGHTED\x10\x02*\x89\x01\n\x0e\x42\x61\x63kfillStatus\x12\x1f\n\x1b\x42\x41\x43KFILL_STATUS_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x42\x41\x43KFILL_STATUS_CAPTIONED\x10\x01\x12\x1a\n\x16\x42\x41\x43KFILL_STATUS_FAILED\x10\x02\x12\x1b\n\x17\x42\x41\x43KFILL_STATUS_SKIPPED\x10\x03\x32\xca\x04\n\x06Search\x12S\n\x06Ingest\x12!.mmsearch.search.v1.IngestRequest\x1a\".mmsearch.search.v1.IngestResponse(\x01\x30\x01\x12O\n\x06Search\x12!.mmsearch.search.v1.SearchRequest\x1a\".mmsearch.search.v1.SearchResponse\x12\x46\n\x03Get\x12\x1e.mmsearch.search.v1.GetRequest\x1a\x1f.mmsearch.search.v1.GetResponse\x12O\n\x06\x44\x65lete\x12!.mmsearch.search.v1.DeleteRequest\x1a\".mmsearch.search.v1.DeleteResponse\x12L\n\x05Stats\x12 .mmsearch.search.v1.StatsRequest\x1a!.mmsearch.search.v1.StatsResponse\x12W\n\x08\x42\x61\x63kfill\x12#.mmsearch.search.v1.BackfillRequest\x1a$.mmsearch.search.v1.BackfillResponse0\x01\x12Z\n\tSearchAll\x12$.mmsearch.search.v1.SearchAllRequest\x1a%.mmsearch.search.v1.SearchAllResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mmsearch.search.v1.search_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ITEMSTATUS']._serialized_start=2754
-  _globals['_ITEMSTATUS']._serialized_end=2923
-  _globals['_TARGET']._serialized_start=2925
-  _globals['_TARGET']._serialized_end=3014
-  _globals['_FUSIONMETHOD']._serialized_start=3016
-  _globals['_FUSIONMETHOD']._serialized_end=3112
-  _globals['_BACKFILLSTATUS']._serialized_start=3115
-  _globals['_BACKFILLSTATUS']._serialized_end=3252
+  _globals['_ITEMSTATUS']._serialized_start=3558
+  _globals['_ITEMSTATUS']._serialized_end=3727
+  _globals['_TARGET']._serialized_start=3729
+  _globals['_TARGET']._serialized_end=3838
+  _globals['_DECAYFUNCTION']._serialized_start=3840
+  _globals['_DECAYFUNCTION']._serialized_end=3964
+  _globals['_FUSIONMETHOD']._serialized_start=3966
+  _globals['_FUSIONMETHOD']._serialized_end=4062
+  _globals['_BACKFILLSTATUS']._serialized_start=4065
+  _globals['_BACKFILLSTATUS']._serialized_end=4202
   _globals['_CAPTIONINPUT']._serialized_start=120
   _globals['_CAPTIONINPUT']._serialized_end=173
   _globals['_INGESTITEM']._serialized_start=176
@@ -53,38 +55,50 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INGESTPROGRESS']._serialized_end=681
   _globals['_INGESTRESPONSE']._serialized_start=683
   _globals['_INGESTRESPONSE']._serialized_end=804
-  _globals['_FUSION']._serialized_start=806
-  _globals['_FUSION']._serialized_end=925
-  _globals['_SEARCHREQUEST']._serialized_start=928
-  _globals['_SEARCHREQUEST']._serialized_end=1198
-  _globals['_HIT']._serialized_start=1201
-  _globals['_HIT']._serialized_end=1447
-  _globals['_SEARCHTIMINGS']._serialized_start=1449
-  _globals['_SEARCHTIMINGS']._serialized_end=1519
-  _globals['_SEARCHRESPONSE']._serialized_start=1522
-  _globals['_SEARCHRESPONSE']._serialized_end=1673
-  _globals['_RECORD']._serialized_start=1676
-  _globals['_RECORD']._serialized_end=1920
-  _globals['_GETREQUEST']._serialized_start=1922
-  _globals['_GETREQUEST']._serialized_end=1947
-  _globals['_GETRESPONSE']._serialized_start=1949
-  _globals['_GETRESPONSE']._serialized_end=2028
-  _globals['_DELETEREQUEST']._serialized_start=2030
-  _globals['_DELETEREQUEST']._serialized_end=2058
-  _globals['_DELETERESPONSE']._serialized_start=2060
-  _globals['_DELETERESPONSE']._serialized_end=2099
-  _globals['_STATSREQUEST']._serialized_start=2101
-  _globals['_STATSREQUEST']._serialized_end=2115
-  _globals['_STATSRESPONSE']._serialized_start=2118
-  _globals['_STATSRESPONSE']._serialized_end=2340
-  _globals['_BACKFILLREQUEST']._serialized_start=2342
-  _globals['_BACKFILLREQUEST']._serialized_end=2403
-  _globals['_BACKFILLOUTCOME']._serialized_start=2405
-  _globals['_BACKFILLOUTCOME']._serialized_end=2532
-  _globals['_BACKFILLPROGRESS']._serialized_start=2534
-  _globals['_BACKFILLPROGRESS']._serialized_end=2619
-  _globals['_BACKFILLRESPONSE']._serialized_start=2622
-  _globals['_BACKFILLRESPONSE']._serialized_end=2751
-  _globals['_SEARCH']._serialized_start=3255
-  _globals['_SEARCH']._serialized_end=3749
+  _globals['_LEG']._serialized_start=806
+  _globals['_LEG']._serialized_end=871
+  _globals['_EXAMPLE']._serialized_start=873
+  _globals['_EXAMPLE']._serialized_end=971
+  _globals['_GROUPBY']._serialized_start=973
+  _globals['_GROUPBY']._serialized_end=1011
+  _globals['_DECAY']._serialized_start=1014
+  _globals['_DECAY']._serialized_end=1151
+  _globals['_FUSION']._serialized_start=1153
+  _globals['_FUSION']._serialized_end=1272
+  _globals['_SEARCHREQUEST']._serialized_start=1275
+  _globals['_SEARCHREQUEST']._serialized_end=1775
+  _globals['_SEARCHALLREQUEST']._serialized_start=1777
+  _globals['_SEARCHALLREQUEST']._serialized_end=1881
+  _globals['_SEARCHALLRESPONSE']._serialized_start=1883
+  _globals['_SEARCHALLRESPONSE']._serialized_end=1955
+  _globals['_HIT']._serialized_start=1958
+  _globals['_HIT']._serialized_end=2204
+  _globals['_SEARCHTIMINGS']._serialized_start=2206
+  _globals['_SEARCHTIMINGS']._serialized_end=2276
+  _globals['_SEARCHRESPONSE']._serialized_start=2279
+  _globals['_SEARCHRESPONSE']._serialized_end=2430
+  _globals['_RECORD']._serialized_start=2433
+  _globals['_RECORD']._serialized_end=2677
+  _globals['_GETREQUEST']._serialized_start=2679
+  _globals['_GETREQUEST']._serialized_end=2704
+  _globals['_GETRESPONSE']._serialized_start=2706
+  _globals['_GETRESPONSE']._serialized_end=2785
+  _globals['_DELETEREQUEST']._serialized_start=2787
+  _globals['_DELETEREQUEST']._serialized_end=2815
+  _globals['_DELETERESPONSE']._serialized_start=2817
+  _globals['_DELETERESPONSE']._serialized_end=2856
+  _globals['_STATSREQUEST']._serialized_start=2858
+  _globals['_STATSREQUEST']._serialized_end=2872
+  _globals['_STATSRESPONSE']._serialized_start=2875
+  _globals['_STATSRESPONSE']._serialized_end=3144
+  _globals['_BACKFILLREQUEST']._serialized_start=3146
+  _globals['_BACKFILLREQUEST']._serialized_end=3207
+  _globals['_BACKFILLOUTCOME']._serialized_start=3209
+  _globals['_BACKFILLOUTCOME']._serialized_end=3336
+  _globals['_BACKFILLPROGRESS']._serialized_start=3338
+  _globals['_BACKFILLPROGRESS']._serialized_end=3423
+  _globals['_BACKFILLRESPONSE']._serialized_start=3426
+  _globals['_BACKFILLRESPONSE']._serialized_end=3555
+  _globals['_SEARCH']._serialized_start=4205
+  _globals['_SEARCH']._serialized_end=4791
 # @@protoc_insertion_point(module_scope)

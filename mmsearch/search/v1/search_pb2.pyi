@@ -94,7 +94,14 @@ class _TargetEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Target.ValueTy
     TARGET_CAPTION: _Target.ValueType  # 2
     """Caption vectors: text -> text, image -> text."""
     TARGET_HYBRID: _Target.ValueType  # 3
-    """Both, fused with `fusion` (Milvus hybrid search)."""
+    """Several legs fused with `fusion` (Milvus hybrid search): image + caption unless
+    `SearchRequest.legs` names others.
+    """
+    TARGET_KEYWORD: _Target.ValueType  # 4
+    """The keyword leg: BM25 over each item's caption and keywords (exact words: a product
+    code, a name). Text queries only. Collections created before this leg existed have
+    no keyword index: FAILED_PRECONDITION with how to migrate.
+    """
 
 class Target(_Target, metaclass=_TargetEnumTypeWrapper):
     """Which stored vectors a query is compared with."""
@@ -106,8 +113,36 @@ TARGET_IMAGE: Target.ValueType  # 1
 TARGET_CAPTION: Target.ValueType  # 2
 """Caption vectors: text -> text, image -> text."""
 TARGET_HYBRID: Target.ValueType  # 3
-"""Both, fused with `fusion` (Milvus hybrid search)."""
+"""Several legs fused with `fusion` (Milvus hybrid search): image + caption unless
+`SearchRequest.legs` names others.
+"""
+TARGET_KEYWORD: Target.ValueType  # 4
+"""The keyword leg: BM25 over each item's caption and keywords (exact words: a product
+code, a name). Text queries only. Collections created before this leg existed have
+no keyword index: FAILED_PRECONDITION with how to migrate.
+"""
 Global___Target: _TypeAlias = Target  # noqa: Y015
+
+class _DecayFunction:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DecayFunctionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DecayFunction.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DECAY_FUNCTION_UNSPECIFIED: _DecayFunction.ValueType  # 0
+    """The server default: GAUSS."""
+    DECAY_FUNCTION_GAUSS: _DecayFunction.ValueType  # 1
+    DECAY_FUNCTION_EXP: _DecayFunction.ValueType  # 2
+    DECAY_FUNCTION_LINEAR: _DecayFunction.ValueType  # 3
+
+class DecayFunction(_DecayFunction, metaclass=_DecayFunctionEnumTypeWrapper): ...
+
+DECAY_FUNCTION_UNSPECIFIED: DecayFunction.ValueType  # 0
+"""The server default: GAUSS."""
+DECAY_FUNCTION_GAUSS: DecayFunction.ValueType  # 1
+DECAY_FUNCTION_EXP: DecayFunction.ValueType  # 2
+DECAY_FUNCTION_LINEAR: DecayFunction.ValueType  # 3
+Global___DecayFunction: _TypeAlias = DecayFunction  # noqa: Y015
 
 class _FusionMethod:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -203,6 +238,9 @@ class IngestItem(_message.Message):
     metadata_json: _builtins.str
     """A JSON object with caller metadata (at most `max_metadata_bytes`, nesting depth at
     most 8), filterable with Milvus expressions such as `metadata["label"] == "cat"`.
+    Keys that are indexed fields of the collection (Stats.indexed_fields) are also
+    stored in typed columns: a value of the wrong type fails the item
+    (INVALID_ARGUMENT naming the field); a missing key stores null.
     """
     source_uri: _builtins.str
     """Where the image came from, stored for display when `image` is inline bytes
@@ -362,6 +400,140 @@ class IngestResponse(_message.Message):
 Global___IngestResponse: _TypeAlias = IngestResponse  # noqa: Y015
 
 @_typing.final
+class Leg(_message.Message):
+    """One leg of a hybrid search."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TARGET_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    target: Global___Target.ValueType
+    """IMAGE, CAPTION or KEYWORD (each at most once)."""
+    weight: _builtins.float
+    """WEIGHTED fusion: this leg's weight, >= 0 (at least one > 0); RRF ignores it."""
+    def __init__(
+        self,
+        *,
+        target: Global___Target.ValueType = ...,
+        weight: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["target", b"target", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Leg: _TypeAlias = Leg  # noqa: Y015
+
+@_typing.final
+class Example(_message.Message):
+    """One example of a multi-example query ("like these, not like that")."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTENT_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """A stored item's id: its stored vector for the searched target."""
+    weight: _builtins.float
+    """Finite and non-zero; negative pushes results away from this example. The query
+    is the L2-normalised weighted sum of the examples' vectors.
+    """
+    @_builtins.property
+    def content(self) -> _types_pb2.Content:
+        """A text, an image or a composed item, embedded by the embedder."""
+
+    def __init__(
+        self,
+        *,
+        content: _types_pb2.Content | None = ...,
+        id: _builtins.str = ...,
+        weight: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "example", b"example", "id", b"id"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "example", b"example", "id", b"id", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_example: _TypeAlias = _typing.Literal["content", "id"]  # noqa: Y015
+    _WhichOneofArgType_example: _TypeAlias = _typing.Literal["example", b"example"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_example) -> _WhichOneofReturnType_example | None: ...
+
+Global___Example: _TypeAlias = Example  # noqa: Y015
+
+@_typing.final
+class GroupBy(_message.Message):
+    """At most `size` hits per value of a field (diversity: one hit per product / album)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIELD_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    field: _builtins.str
+    """An indexed metadata field (the server's SEARCH_INDEXED_FIELDS)."""
+    size: _builtins.int
+    """Hits per group, 1 to 16; 0 means 1."""
+    def __init__(
+        self,
+        *,
+        field: _builtins.str = ...,
+        size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["field", b"field", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GroupBy: _TypeAlias = GroupBy  # noqa: Y015
+
+@_typing.final
+class Decay(_message.Message):
+    """Boosts hits by closeness of a numeric field to an origin (Milvus decay reranker):
+    score x decay factor, where the factor is 1 within `offset` of the origin and falls
+    to `decay` at `offset + scale`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FUNCTION_FIELD_NUMBER: _builtins.int
+    FIELD_FIELD_NUMBER: _builtins.int
+    ORIGIN_FIELD_NUMBER: _builtins.int
+    SCALE_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    DECAY_FIELD_NUMBER: _builtins.int
+    function: Global___DecayFunction.ValueType
+    field: _builtins.str
+    """"ingested_at" (milliseconds since the epoch) or an indexed numeric metadata field."""
+    origin: _builtins.float
+    """The best value; for "ingested_at", 0 means now."""
+    scale: _builtins.float
+    """Distance from origin + offset at which the factor is `decay`; > 0. For
+    "ingested_at", in milliseconds (86400000 = one day).
+    """
+    offset: _builtins.float
+    """Distance from the origin within which nothing decays, >= 0."""
+    decay: _builtins.float
+    """The factor at `scale`, in (0, 1); 0 means 0.5."""
+    def __init__(
+        self,
+        *,
+        function: Global___DecayFunction.ValueType = ...,
+        field: _builtins.str = ...,
+        origin: _builtins.float = ...,
+        scale: _builtins.float = ...,
+        offset: _builtins.float = ...,
+        decay: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decay", b"decay", "field", b"field", "function", b"function", "offset", b"offset", "origin", b"origin", "scale", b"scale"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Decay: _TypeAlias = Decay  # noqa: Y015
+
+@_typing.final
 class Fusion(_message.Message):
     """How hybrid results are fused. Ignored unless target is HYBRID."""
 
@@ -406,6 +578,12 @@ class SearchRequest(_message.Message):
     OFFSET_FIELD_NUMBER: _builtins.int
     FILTER_FIELD_NUMBER: _builtins.int
     OUTPUT_FIELDS_FIELD_NUMBER: _builtins.int
+    LEGS_FIELD_NUMBER: _builtins.int
+    LIKE_ID_FIELD_NUMBER: _builtins.int
+    EXAMPLES_FIELD_NUMBER: _builtins.int
+    MIN_SCORE_FIELD_NUMBER: _builtins.int
+    GROUP_BY_FIELD_NUMBER: _builtins.int
+    DECAY_FIELD_NUMBER: _builtins.int
     target: Global___Target.ValueType
     """Which vectors to search."""
     top_k: _builtins.int
@@ -423,6 +601,16 @@ class SearchRequest(_message.Message):
     ["cat", "dog"]`) needs a Milvus server: embedded Milvus Lite refuses it
     (INVALID_ARGUMENT with Milvus' message).
     At most `max_filter_chars` characters; read-only by construction.
+    """
+    like_id: _builtins.str
+    """More like this: a stored item's id. Its stored vectors are the query (the image
+    vector for IMAGE, the caption vector for CAPTION, both for HYBRID); the item itself
+    is never among the hits. An id that is not stored is INVALID_ARGUMENT.
+    """
+    min_score: _builtins.float
+    """Drop hits scoring below this. Scores are "higher is better": cosine similarity in
+    [-1, 1] for COSINE, the inner product for IP, -distance for L2, the BM25 score
+    (>= 0) for KEYWORD, the fused score for HYBRID. Must be finite.
     """
     @_builtins.property
     def query(self) -> _types_pb2.Content:
@@ -447,6 +635,27 @@ class SearchRequest(_message.Message):
         means all of them. Unknown names are INVALID_ARGUMENT.
         """
 
+    @_builtins.property
+    def legs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Leg]:
+        """HYBRID: which legs to fuse, each with its weight. Empty means IMAGE + CAPTION
+        weighted by `fusion.image_weight` / `fusion.caption_weight` (as before legs existed).
+        """
+
+    @_builtins.property
+    def examples(self) -> _containers.RepeatedCompositeFieldContainer[Global___Example]:
+        """A multi-example query: 1 to `max_examples` (a server setting, 8 by default)
+        examples, at least one with a positive weight. Exactly one of `query`,
+        `query_vector`, `like_id` and `examples` must be set.
+        """
+
+    @_builtins.property
+    def group_by(self) -> Global___GroupBy:
+        """Diversity: at most `group_by.size` hits per value of a field. Not with offset > 0."""
+
+    @_builtins.property
+    def decay(self) -> Global___Decay:
+        """Recency / numeric boost (Milvus decay reranker). Not with HYBRID."""
+
     def __init__(
         self,
         *,
@@ -458,14 +667,80 @@ class SearchRequest(_message.Message):
         offset: _builtins.int = ...,
         filter: _builtins.str = ...,
         output_fields: _abc.Iterable[_builtins.str] | None = ...,
+        legs: _abc.Iterable[Global___Leg] | None = ...,
+        like_id: _builtins.str = ...,
+        examples: _abc.Iterable[Global___Example] | None = ...,
+        min_score: _builtins.float | None = ...,
+        group_by: Global___GroupBy | None = ...,
+        decay: Global___Decay | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["fusion", b"fusion", "query", b"query", "query_vector", b"query_vector"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_min_score", b"_min_score", "decay", b"decay", "fusion", b"fusion", "group_by", b"group_by", "min_score", b"min_score", "query", b"query", "query_vector", b"query_vector"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "fusion", b"fusion", "offset", b"offset", "output_fields", b"output_fields", "query", b"query", "query_vector", b"query_vector", "target", b"target", "top_k", b"top_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_score", b"_min_score", "decay", b"decay", "examples", b"examples", "filter", b"filter", "fusion", b"fusion", "group_by", b"group_by", "legs", b"legs", "like_id", b"like_id", "min_score", b"min_score", "offset", b"offset", "output_fields", b"output_fields", "query", b"query", "query_vector", b"query_vector", "target", b"target", "top_k", b"top_k"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__min_score: _TypeAlias = _typing.Literal["min_score"]  # noqa: Y015
+    _WhichOneofArgType__min_score: _TypeAlias = _typing.Literal["_min_score", b"_min_score"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_score) -> _WhichOneofReturnType__min_score | None: ...
+
+Global___SearchRequest: _TypeAlias = SearchRequest  # noqa: Y015
+
+@_typing.final
+class SearchAllRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEARCH_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    limit: _builtins.int
+    """Stop after this many hits; 0 means all that match."""
+    batch_size: _builtins.int
+    """Hits per message, 1 to 1,000; 0 means 256."""
+    @_builtins.property
+    def search(self) -> Global___SearchRequest:
+        """The search: a query (text, image, composed, query_vector, like_id or examples),
+        target, filter, output_fields and min_score; `top_k` and `offset` are ignored.
+        """
+
+    def __init__(
+        self,
+        *,
+        search: Global___SearchRequest | None = ...,
+        limit: _builtins.int = ...,
+        batch_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["search", b"search"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "limit", b"limit", "search", b"search"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___SearchRequest: _TypeAlias = SearchRequest  # noqa: Y015
+Global___SearchAllRequest: _TypeAlias = SearchAllRequest  # noqa: Y015
+
+@_typing.final
+class SearchAllResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HITS_FIELD_NUMBER: _builtins.int
+    SENT_FIELD_NUMBER: _builtins.int
+    sent: _builtins.int
+    """Hits sent so far, these included."""
+    @_builtins.property
+    def hits(self) -> _containers.RepeatedCompositeFieldContainer[Global___Hit]:
+        """The next hits in rank order (`rank` counts from 1 over the whole stream)."""
+
+    def __init__(
+        self,
+        *,
+        hits: _abc.Iterable[Global___Hit] | None = ...,
+        sent: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hits", b"hits", "sent", b"sent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SearchAllResponse: _TypeAlias = SearchAllResponse  # noqa: Y015
 
 @_typing.final
 class Hit(_message.Message):
@@ -754,6 +1029,8 @@ class StatsResponse(_message.Message):
     METRIC_TYPE_FIELD_NUMBER: _builtins.int
     MILVUS_MODE_FIELD_NUMBER: _builtins.int
     CAPTION_PENDING_COUNT_FIELD_NUMBER: _builtins.int
+    KEYWORD_INDEX_FIELD_NUMBER: _builtins.int
+    INDEXED_FIELDS_FIELD_NUMBER: _builtins.int
     collection: _builtins.str
     """Milvus collection name."""
     item_count: _builtins.int
@@ -770,6 +1047,14 @@ class StatsResponse(_message.Message):
     """"embedded" (Milvus Lite file) or "server"."""
     caption_pending_count: _builtins.int
     """Items whose caption is pending (see `Backfill`)."""
+    keyword_index: _builtins.bool
+    """The collection has the keyword (BM25) leg; false for collections created before it."""
+    @_builtins.property
+    def indexed_fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Indexed metadata fields as "name:type" (string, int, float, bool): typed columns
+        usable in filters (`label in ["cat", "dog"]`), grouping and decay.
+        """
+
     def __init__(
         self,
         *,
@@ -782,10 +1067,12 @@ class StatsResponse(_message.Message):
         metric_type: _builtins.str = ...,
         milvus_mode: _builtins.str = ...,
         caption_pending_count: _builtins.int = ...,
+        keyword_index: _builtins.bool = ...,
+        indexed_fields: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["caption_pending_count", b"caption_pending_count", "captioner_model_id", b"captioner_model_id", "collection", b"collection", "dimension", b"dimension", "embedder_model_id", b"embedder_model_id", "index_type", b"index_type", "item_count", b"item_count", "metric_type", b"metric_type", "milvus_mode", b"milvus_mode"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caption_pending_count", b"caption_pending_count", "captioner_model_id", b"captioner_model_id", "collection", b"collection", "dimension", b"dimension", "embedder_model_id", b"embedder_model_id", "index_type", b"index_type", "indexed_fields", b"indexed_fields", "item_count", b"item_count", "keyword_index", b"keyword_index", "metric_type", b"metric_type", "milvus_mode", b"milvus_mode"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -76,6 +76,11 @@ class SearchStub:
                 request_serializer=mmsearch_dot_search_dot_v1_dot_search__pb2.BackfillRequest.SerializeToString,
                 response_deserializer=mmsearch_dot_search_dot_v1_dot_search__pb2.BackfillResponse.FromString,
                 _registered_method=True)
+        self.SearchAll = channel.unary_stream(
+                '/mmsearch.search.v1.Search/SearchAll',
+                request_serializer=mmsearch_dot_search_dot_v1_dot_search__pb2.SearchAllRequest.SerializeToString,
+                response_deserializer=mmsearch_dot_search_dot_v1_dot_search__pb2.SearchAllResponse.FromString,
+                _registered_method=True)
 
 
 class SearchServicer:
@@ -144,6 +149,16 @@ class SearchServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SearchAll(self, request, context):
+        """Streams every hit of a search in rank order, beyond Search's window (deep
+        pagination, export): Milvus' search iterator over one target (IMAGE, CAPTION or
+        KEYWORD; not HYBRID, grouping or decay, which need the whole list at once:
+        INVALID_ARGUMENT). Hits come in batches with a running count; no duplicates, no gaps.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SearchServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -176,6 +191,11 @@ def add_SearchServicer_to_server(servicer, server):
                     servicer.Backfill,
                     request_deserializer=mmsearch_dot_search_dot_v1_dot_search__pb2.BackfillRequest.FromString,
                     response_serializer=mmsearch_dot_search_dot_v1_dot_search__pb2.BackfillResponse.SerializeToString,
+            ),
+            'SearchAll': grpc.unary_stream_rpc_method_handler(
+                    servicer.SearchAll,
+                    request_deserializer=mmsearch_dot_search_dot_v1_dot_search__pb2.SearchAllRequest.FromString,
+                    response_serializer=mmsearch_dot_search_dot_v1_dot_search__pb2.SearchAllResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -352,6 +372,33 @@ class Search:
             '/mmsearch.search.v1.Search/Backfill',
             mmsearch_dot_search_dot_v1_dot_search__pb2.BackfillRequest.SerializeToString,
             mmsearch_dot_search_dot_v1_dot_search__pb2.BackfillResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchAll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mmsearch.search.v1.Search/SearchAll',
+            mmsearch_dot_search_dot_v1_dot_search__pb2.SearchAllRequest.SerializeToString,
+            mmsearch_dot_search_dot_v1_dot_search__pb2.SearchAllResponse.FromString,
             options,
             channel_credentials,
             insecure,

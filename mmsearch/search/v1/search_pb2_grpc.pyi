@@ -70,6 +70,12 @@ class SearchStub:
     captioned meanwhile is skipped. Paced by `max_items_per_s`; one backfill at a time
     per server (a second call is ABORTED). Needs the captioner and the embedder.
     """
+    SearchAll: _grpc.UnaryStreamMultiCallable[_search_pb2.SearchAllRequest, _search_pb2.SearchAllResponse]
+    """Streams every hit of a search in rank order, beyond Search's window (deep
+    pagination, export): Milvus' search iterator over one target (IMAGE, CAPTION or
+    KEYWORD; not HYBRID, grouping or decay, which need the whole list at once:
+    INVALID_ARGUMENT). Hits come in batches with a running count; no duplicates, no gaps.
+    """
 
 @_typing.type_check_only
 class SearchAsyncStub(SearchStub):
@@ -110,6 +116,12 @@ class SearchAsyncStub(SearchStub):
     starts, so re-running after an interruption continues with what is left, and an item
     captioned meanwhile is skipped. Paced by `max_items_per_s`; one backfill at a time
     per server (a second call is ABORTED). Needs the captioner and the embedder.
+    """
+    SearchAll: _aio.UnaryStreamMultiCallable[_search_pb2.SearchAllRequest, _search_pb2.SearchAllResponse]  # type: ignore[assignment]
+    """Streams every hit of a search in rank order, beyond Search's window (deep
+    pagination, export): Milvus' search iterator over one target (IMAGE, CAPTION or
+    KEYWORD; not HYBRID, grouping or decay, which need the whole list at once:
+    INVALID_ARGUMENT). Hits come in batches with a running count; no duplicates, no gaps.
     """
 
 class SearchServicer(metaclass=_abc_1.ABCMeta):
@@ -184,6 +196,18 @@ class SearchServicer(metaclass=_abc_1.ABCMeta):
         starts, so re-running after an interruption continues with what is left, and an item
         captioned meanwhile is skipped. Paced by `max_items_per_s`; one backfill at a time
         per server (a second call is ABORTED). Needs the captioner and the embedder.
+        """
+
+    @_abc_1.abstractmethod
+    def SearchAll(
+        self,
+        request: _search_pb2.SearchAllRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_search_pb2.SearchAllResponse], _abc.AsyncIterator[_search_pb2.SearchAllResponse]]:
+        """Streams every hit of a search in rank order, beyond Search's window (deep
+        pagination, export): Milvus' search iterator over one target (IMAGE, CAPTION or
+        KEYWORD; not HYBRID, grouping or decay, which need the whole list at once:
+        INVALID_ARGUMENT). Hits come in batches with a running count; no duplicates, no gaps.
         """
 
 def add_SearchServicer_to_server(servicer: SearchServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
