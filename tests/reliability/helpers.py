@@ -107,10 +107,10 @@ async def health_of(address: str, service: str = "", creds: grpc.ChannelCredenti
         return reply.status
 
 
-async def wait_health(address: str, status: int, within_s: float, what: str = "") -> float:
+async def wait_health(address: str, status: int, within_s: float, what: str = "", service: str = "") -> float:
     start = time.monotonic()
     while time.monotonic() - start < within_s:
-        if await health_of(address) == status:
+        if await health_of(address, service) == status:
             return time.monotonic() - start
         await asyncio.sleep(0.1)
     raise AssertionError(f"{what or address} did not reach health {status} within {within_s} s")
