@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
+import re
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,11 @@ from mmsearch.client.types import (
     BackfillProgress,
     BackfillStatus,
     BackfillUpdate,
+    Decay,
+    DecayFunction,
+    Example,
+    ExampleId,
+    ExampleInput,
     Fusion,
     FusionMethod,
     GetResult,
@@ -28,7 +35,10 @@ from mmsearch.client.types import (
     IngestProgress,
     IngestUpdate,
     ItemStatus,
+    LegsInput,
+    ProgressCallback,
     Record,
+    SearchAllProgress,
     SearchError,
     SearchResult,
     SearchTimings,
@@ -42,6 +52,12 @@ _TARGETS = {
     Target.IMAGE: search_pb2.TARGET_IMAGE,
     Target.CAPTION: search_pb2.TARGET_CAPTION,
     Target.HYBRID: search_pb2.TARGET_HYBRID,
+    Target.KEYWORD: search_pb2.TARGET_KEYWORD,
+}
+_DECAYS = {
+    DecayFunction.GAUSS: search_pb2.DECAY_FUNCTION_GAUSS,
+    DecayFunction.EXP: search_pb2.DECAY_FUNCTION_EXP,
+    DecayFunction.LINEAR: search_pb2.DECAY_FUNCTION_LINEAR,
 }
 _TARGETS_BACK = {v: k for k, v in _TARGETS.items()}
 _FUSIONS = {FusionMethod.RRF: search_pb2.FUSION_METHOD_RRF, FusionMethod.WEIGHTED: search_pb2.FUSION_METHOD_WEIGHTED}
@@ -103,7 +119,7 @@ def coerce_target(target: Target | str) -> Target:
     try:
         return Target(str(target).lower())
     except ValueError:
-        raise ValueError(f"unknown target {target!r}: one of image, caption, hybrid") from None
+        raise ValueError(f"unknown target {target!r}: one of image, caption, hybrid, keyword") from None
 
 
 def coerce_fusion(fusion: Fusion | FusionMethod | str | None) -> Fusion | None:
@@ -117,6 +133,125 @@ def coerce_fusion(fusion: Fusion | FusionMethod | str | None) -> Fusion | None:
         raise ValueError(f"unknown fusion {fusion!r}: one of rrf, weighted") from None
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$", re.IGNORECASE)
+_DURATION_MS = {"ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3, "d": 86400e3, "w": 7 * 86400e3}
+
+
+def duration_ms(value: float | timedelta | str) -> float:
+    """Milliseconds from a number (ms), a `timedelta` or a string: "7d", "12h", "30m", "45s",
+    "500ms", "1.5w" or a bare number of milliseconds."""
+    if isinstance(value, timedelta):
+        return value.total_seconds() * 1000.0
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if not m:
+            raise ValueError(f"bad duration {value!r}: a number of milliseconds or e.g. 7d, 12h, 30m, 45s, 500ms")
+        return float(m.group(1)) * _DURATION_MS[(m.group(2) or "ms").lower()]
+    return float(value)
+
+
+def _finite(name: str, value: float) -> float:
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def legs_to_proto(legs: LegsInput) -> tuple[list[search_pb2.Leg], bool]:
+    """The hybrid legs and whether any weight was given (then fusion defaults to WEIGHTED).
+
+    `{"image": 0.5, "keyword": 0.2}`, `[("image", 0.5), ("caption", 0.3)]` or `["image", "keyword"]`.
+    """
+    pairs: list[tuple[Any, float | None]] = []
+    if isinstance(legs, Mapping):
+        pairs = [(t, w) for t, w in legs.items()]
+    elif isinstance(legs, str):
+        raise TypeError("legs= takes a mapping {target: weight} or a sequence, not a string")
+    else:
+        for leg in legs:
+            pairs.append((leg[0], leg[1]) if isinstance(leg, tuple) else (leg, None))
+    if not pairs:
+        raise ValueError("legs= is empty: name at least one of image, caption, keyword")
+    out, seen, weighted = [], set(), False
+    for raw, weight in pairs:
+        target = coerce_target(raw)
+        if target is Target.HYBRID:
+            raise ValueError("a leg is image, caption or keyword, not hybrid")
+        if target in seen:
+            raise ValueError(f"leg {target.value} given twice")
+        seen.add(target)
+        if weight is not None:
+            weighted = True
+            if _finite(f"leg {target.value} weight", weight) < 0:
+                raise ValueError(f"leg {target.value} weight must be >= 0, got {weight}")
+        out.append(search_pb2.Leg(target=_TARGETS[target], weight=1.0 if weight is None else float(weight)))
+    if weighted and not any(leg.weight > 0 for leg in out):
+        raise ValueError("at least one leg weight must be > 0")
+    return out, weighted
+
+
+def content_to_proto(
+    msg: types_pb2.Content, text: str | None, image: ImageInput | None, instruction: str | None,
+    instruction_weight: float,
+) -> None:
+    """Fills a query `Content`: a text, an image, or an image + instruction (composed)."""
+    if text is not None:
+        msg.text = text
+        return
+    assert image is not None
+    img, _ = image_to_proto(image)
+    if instruction is not None:
+        msg.composed.image.CopyFrom(img)
+        msg.composed.instruction = instruction
+        msg.composed.instruction_weight = instruction_weight
+    else:
+        msg.image.CopyFrom(img)
+
+
+def example_to_proto(example: ExampleInput) -> search_pb2.Example:
+    """One example: an `Example`, an `ExampleId`, a text, an image, or `(any of these, weight)`."""
+    weight = 1.0
+    if isinstance(example, tuple):
+        if len(example) != 2:
+            raise ValueError("an example pair is (example, weight)")
+        example, weight = example[0], example[1]
+        if isinstance(example, Example):
+            example = Example(example.text, example.image, example.instruction, example.instruction_weight,
+                              example.id, weight)
+    if isinstance(example, ExampleId):
+        example = Example(id=example.id, weight=weight)
+    elif isinstance(example, str):
+        example = Example(text=example, weight=weight)
+    elif not isinstance(example, Example):
+        example = Example(image=example, weight=weight)
+    if sum(x is not None for x in (example.text, example.image, example.id)) != 1:
+        raise ValueError("an Example is exactly one of text=, image= (optionally with instruction=) or id=")
+    if _finite("example weight", example.weight) == 0:
+        raise ValueError("an example weight must be non-zero (negative pushes results away)")
+    msg = search_pb2.Example(weight=example.weight)
+    if example.id is not None:
+        msg.id = example.id
+    else:
+        content_to_proto(msg.content, example.text, example.image, example.instruction, example.instruction_weight)
+    return msg
+
+
+def decay_to_proto(decay: Decay) -> search_pb2.Decay:
+    try:
+        function = DecayFunction(decay.function.lower() if isinstance(decay.function, str) else decay.function)
+    except ValueError:
+        raise ValueError(f"unknown decay function {decay.function!r}: one of gauss, exp, linear") from None
+    scale, offset = duration_ms(decay.scale), duration_ms(decay.offset)
+    if not (_finite("decay scale", scale) > 0):
+        raise ValueError(f"decay scale must be > 0, got {decay.scale!r}")
+    if _finite("decay offset", offset) < 0:
+        raise ValueError(f"decay offset must be >= 0, got {decay.offset!r}")
+    if decay.decay and not 0 < _finite("decay", decay.decay) < 1:
+        raise ValueError(f"decay (the factor at scale) must be in (0, 1), got {decay.decay}")
+    return search_pb2.Decay(function=_DECAYS[function], field=decay.field, origin=_finite("decay origin", decay.origin),
+                            scale=scale, offset=offset, decay=decay.decay)
+
+
 def build_search_request(
     text: str | None = None,
     *,
@@ -124,46 +259,101 @@ def build_search_request(
     instruction: str | None = None,
     instruction_weight: float = 0.0,
     vector: Sequence[float] | None = None,
-    target: Target | str = Target.IMAGE,
+    like: str | None = None,
+    examples: Sequence[ExampleInput] | None = None,
+    target: Target | str | None = None,
+    legs: LegsInput | None = None,
     fusion: Fusion | FusionMethod | str | None = None,
     top_k: int = 10,
     offset: int = 0,
     filter: str = "",
     output_fields: Sequence[str] = (),
+    min_score: float | None = None,
+    group_by: str | None = None,
+    group_size: int = 0,
+    decay: Decay | None = None,
+    boost_recency: float | timedelta | str | None = None,
 ) -> search_pb2.SearchRequest:
-    """One request from keyword arguments: text, image, image + instruction, or a vector."""
-    given = sum(x is not None for x in (text, image, vector))
+    """One request from keyword arguments. The query: text, image, image + instruction,
+    a vector, a stored id (`like`) or weighted `examples`. `target` None: HYBRID when
+    `legs` are given, else IMAGE."""
+    given = sum(x is not None for x in (text, image, vector, like, examples))
     if given != 1:
-        raise ValueError("give exactly one query: text=, image= (optionally with instruction=) or vector=")
+        raise ValueError("give exactly one query: text=, image= (optionally with instruction=), vector=, like= "
+                         "(a stored id) or examples=")
     if instruction is not None and image is None:
         raise ValueError("instruction= needs image= (a composed query)")
+    resolved = coerce_target(target) if target is not None else (Target.HYBRID if legs else Target.IMAGE)
+    if legs and resolved is not Target.HYBRID:
+        raise ValueError(f"legs= is for target hybrid, not {resolved.value}")
+    if decay is not None and boost_recency is not None:
+        raise ValueError("give decay= or boost_recency=, not both")
+    if group_size and not group_by:
+        raise ValueError("group_size= needs group_by= (the field to group by)")
+    if group_by and not 0 <= group_size <= 16:
+        raise ValueError(f"group_size must be 1 to 16, got {group_size}")
     request = search_pb2.SearchRequest(
-        target=_TARGETS[coerce_target(target)],
+        target=_TARGETS[resolved],
         top_k=top_k,
         offset=offset,
         filter=filter or "",
         output_fields=list(output_fields),
     )
-    if text is not None:
-        request.query.text = text
-    elif vector is not None:
+    if vector is not None:
         request.query_vector.values.extend(float(v) for v in vector)
+    elif like is not None:
+        if not like:
+            raise ValueError("like= is a stored item's id, not empty")
+        request.like_id = like
+    elif examples is not None:
+        if isinstance(examples, (str, bytes)) or not examples:
+            raise ValueError("examples= is a non-empty sequence of examples")
+        request.examples.extend(example_to_proto(e) for e in examples)
+        if not any(e.weight > 0 for e in request.examples):
+            raise ValueError("examples= needs at least one positive weight")
     else:
-        assert image is not None
-        msg, _ = image_to_proto(image)
-        if instruction is not None:
-            request.query.composed.image.CopyFrom(msg)
-            request.query.composed.instruction = instruction
-            request.query.composed.instruction_weight = instruction_weight
-        else:
-            request.query.image.CopyFrom(msg)
+        content_to_proto(request.query, text, image, instruction, instruction_weight)
     fused = coerce_fusion(fusion)
+    if legs:
+        leg_msgs, weighted = legs_to_proto(legs)
+        request.legs.extend(leg_msgs)
+        if fused is None and weighted:
+            fused = Fusion(method=FusionMethod.WEIGHTED)
     if fused is not None:
         request.fusion.method = _FUSIONS[fused.method]
         request.fusion.rrf_k = fused.rrf_k
         request.fusion.image_weight = fused.image_weight
         request.fusion.caption_weight = fused.caption_weight
+    if min_score is not None:
+        request.min_score = _finite("min_score", min_score)
+    if group_by:
+        request.group_by.field = group_by
+        request.group_by.size = group_size
+    if boost_recency is not None:
+        decay = Decay(field="ingested_at", scale=boost_recency)
+    if decay is not None:
+        request.decay.CopyFrom(decay_to_proto(decay))
     return request
+
+
+def build_search_all_request(
+    text: str | None = None, *, limit: int = 0, batch_size: int = 0, **query: Any
+) -> search_pb2.SearchAllRequest:
+    """A streaming search: the query of `build_search_request` (one target), a limit and a batch size."""
+    if limit < 0:
+        raise ValueError(f"limit must be >= 0 (0: every match), got {limit}")
+    if not 0 <= batch_size <= 1000:
+        raise ValueError(f"batch_size must be 1 to 1000 (0: the server default, 256), got {batch_size}")
+    search = build_search_request(text, **query)
+    search.ClearField("top_k")
+    return search_pb2.SearchAllRequest(search=search, limit=limit, batch_size=batch_size)
+
+
+def search_all_hits(msg: search_pb2.SearchAllResponse, on_progress: ProgressCallback | None) -> list[Hit]:
+    """One streamed batch as hits; reports the running count first."""
+    if on_progress is not None:
+        on_progress(SearchAllProgress(sent=int(msg.sent), batch=len(msg.hits)))
+    return [hit_from_proto(h) for h in msg.hits]
 
 
 def rpc_error(e: grpc.RpcError, method: str) -> SearchError:
@@ -259,6 +449,8 @@ def stats_from_proto(msg: search_pb2.StatsResponse) -> Stats:
         metric_type=msg.metric_type,
         milvus_mode=msg.milvus_mode,
         caption_pending_count=msg.caption_pending_count,
+        keyword_index=msg.keyword_index,
+        indexed_fields=tuple(msg.indexed_fields),
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypeVar, Unpack
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -16,13 +16,17 @@ from mmsearch.client.types import (
     Fusion,
     FusionMethod,
     GetResult,
+    Hit,
     ImageInput,
     IngestItem,
     IngestSummary,
     IngestUpdate,
+    ProgressCallback,
     SearchError,
+    SearchFeatures,
     SearchResult,
     Stats,
+    StreamQuery,
     Target,
 )
 from mmsearch.search.v1 import search_pb2
@@ -61,13 +65,14 @@ class AsyncSearchClient(ClientBase):
         instruction: str | None = None,
         instruction_weight: float = 0.0,
         vector: Sequence[float] | None = None,
-        target: Target | str = Target.IMAGE,
+        target: Target | str | None = None,
         fusion: Fusion | FusionMethod | str | None = None,
         top_k: int = 10,
         offset: int = 0,
         filter: str = "",
         output_fields: Sequence[str] = (),
         timeout: float | None = DEFAULT,
+        **features: Unpack[SearchFeatures],
     ) -> SearchResult:
         """See `SearchClient.search`. A local image path is read in a worker thread."""
         request = await asyncio.to_thread(
@@ -83,9 +88,27 @@ class AsyncSearchClient(ClientBase):
             offset=offset,
             filter=filter,
             output_fields=output_fields,
+            **features,
         )
         response = await self._call("Search", self._stub.Search, request, timeout)
         return _convert.search_result_from_proto(response)
+
+    async def search_all(
+        self, text: str | None = None, *, limit: int = 0, batch_size: int = 0,
+        on_progress: ProgressCallback | None = None, timeout: float | None = None, **query: Unpack[StreamQuery],
+    ) -> AsyncIterator[Hit]:
+        """See `SearchClient.search_all`: an async iterator of hits in rank order."""
+        request = await asyncio.to_thread(
+            _convert.build_search_all_request, text, limit=limit, batch_size=batch_size, **query)
+        call = self._stub.SearchAll(request, timeout=timeout, metadata=self.config.call_metadata())
+        try:
+            async for response in call:
+                for hit in _convert.search_all_hits(response, on_progress):
+                    yield hit
+        except grpc.RpcError as e:
+            raise _convert.rpc_error(e, "SearchAll") from e
+        finally:
+            call.cancel()
 
     async def search_text(self, text: str, **kwargs: Any) -> SearchResult:
         return await self.search(text, **kwargs)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypeVar, Unpack
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -16,13 +16,17 @@ from mmsearch.client.types import (
     Fusion,
     FusionMethod,
     GetResult,
+    Hit,
     ImageInput,
     IngestItem,
     IngestSummary,
     IngestUpdate,
+    ProgressCallback,
     SearchError,
+    SearchFeatures,
     SearchResult,
     Stats,
+    StreamQuery,
     Target,
 )
 from mmsearch.search.v1 import search_pb2
@@ -67,19 +71,31 @@ class SearchClient(ClientBase):
         instruction: str | None = None,
         instruction_weight: float = 0.0,
         vector: Sequence[float] | None = None,
-        target: Target | str = Target.IMAGE,
+        target: Target | str | None = None,
         fusion: Fusion | FusionMethod | str | None = None,
         top_k: int = 10,
         offset: int = 0,
         filter: str = "",
         output_fields: Sequence[str] = (),
         timeout: float | None = DEFAULT,
+        **features: Unpack[SearchFeatures],
     ) -> SearchResult:
-        """Searches by `text`, `image`, `image` + `instruction` (composed) or a ready `vector`.
+        """Searches by `text`, `image`, `image` + `instruction` (composed), a ready `vector`,
+        a stored item (`like="id"`: more like this, the item itself is never a hit) or
+        weighted `examples` (texts, images, `ExampleId("id")`, `Example(...)` or
+        `(example, weight)` pairs; negative weights push results away).
 
-        `target`: "image" (image vectors), "caption" (caption vectors) or "hybrid" (both,
-        fused with `fusion`: "rrf" or "weighted", or a `Fusion`). `filter` is a Milvus
-        boolean expression, e.g. `metadata["label"] == "cat"`.
+        `target`: "image" (image vectors, the default), "caption" (caption vectors),
+        "keyword" (BM25 over captions and keywords, text only) or "hybrid" (legs fused
+        with `fusion`: "rrf" or "weighted", or a `Fusion`). `legs` picks the hybrid legs
+        and their weights, e.g. `{"image": 0.5, "caption": 0.3, "keyword": 0.2}` (implies
+        target hybrid; weights imply weighted fusion unless `fusion` says otherwise).
+        `filter` is a Milvus boolean expression, e.g. `metadata["label"] == "cat"`.
+        `min_score` drops hits scoring below it (higher is better; see docs/search.md
+        for its meaning per metric). `group_by` + `group_size`: at most that many hits
+        per value of an indexed field. `decay=Decay(...)` boosts by closeness of a
+        numeric field to an origin; `boost_recency="7d"` (or ms, or a `timedelta`) is
+        `Decay(field="ingested_at", scale=...)` with gauss.
         """
         request = _convert.build_search_request(
             text,
@@ -93,6 +109,7 @@ class SearchClient(ClientBase):
             offset=offset,
             filter=filter,
             output_fields=output_fields,
+            **features,
         )
         response = self._call("Search", self._stub.Search, request, timeout)
         return _convert.search_result_from_proto(response)
@@ -108,6 +125,31 @@ class SearchClient(ClientBase):
     def search_composed(self, image: ImageInput, instruction: str, **kwargs: Any) -> SearchResult:
         """A reference image modified by a text instruction ("the same style in black")."""
         return self.search(image=image, instruction=instruction, **kwargs)
+
+    def search_all(
+        self, text: str | None = None, *, limit: int = 0, batch_size: int = 0,
+        on_progress: ProgressCallback | None = None, timeout: float | None = None, **query: Unpack[StreamQuery],
+    ) -> Iterator[Hit]:
+        """Every hit of a search in rank order, streamed (SearchAll: beyond `search`'s
+        window of 16,384; exports). One target (image, caption or keyword; no legs,
+        grouping or decay); the query and `filter` / `min_score` as in `search`.
+        `limit`: stop after this many hits (0: all that match); `batch_size` hits per
+        message (0: the server's 256); `on_progress` gets the running count per batch.
+        `timeout` (default: none) bounds the whole call; stopping early cancels it.
+        """
+        request = _convert.build_search_all_request(text, limit=limit, batch_size=batch_size, **query)
+        for response in self._stream("SearchAll", self._stub.SearchAll, request, timeout):
+            yield from _convert.search_all_hits(response, on_progress)
+
+    def _stream(self, method: str, fn: Callable[..., Any], request: Any, timeout: float | None) -> Iterator[Any]:
+        """A server-streaming call's messages; errors become `SearchError`; leaving early cancels it."""
+        call = fn(request, timeout=timeout, metadata=self.config.call_metadata())
+        try:
+            yield from call
+        except grpc.RpcError as e:
+            raise _convert.rpc_error(e, method) from e
+        finally:
+            call.cancel()
 
     # -- ingest
 

@@ -7,11 +7,11 @@ protobuf classes and does not break when a field is added to the contract.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, TypedDict, Union
 
 import grpc
 
@@ -29,7 +29,8 @@ class Target(str, Enum):
 
     IMAGE = "image"  # text -> image, image -> image, composed
     CAPTION = "caption"  # text -> text, image -> text
-    HYBRID = "hybrid"  # both, fused
+    HYBRID = "hybrid"  # several legs (image + caption by default, or `legs=`), fused
+    KEYWORD = "keyword"  # BM25 over each item's caption and keywords (text queries only)
 
 
 class FusionMethod(str, Enum):
@@ -48,6 +49,101 @@ class Fusion:
     rrf_k: int = 0
     image_weight: float = 0.0
     caption_weight: float = 0.0
+
+
+@dataclass(frozen=True)
+class ExampleId:
+    """A stored item used as an example: its stored vector for the searched target."""
+
+    id: str
+
+
+@dataclass(frozen=True)
+class Example:
+    """One weighted example of a multi-example query: exactly one of `text`, `image`
+    (optionally with `instruction`: a composed item) and `id` (a stored item).
+    `weight`: finite and non-zero; negative pushes results away from it."""
+
+    text: str | None = None
+    image: ImageInput | None = None
+    instruction: str | None = None
+    instruction_weight: float = 0.0
+    id: str | None = None
+    weight: float = 1.0
+
+
+#: What `examples=` takes per entry: an `Example`, an `ExampleId`, a text (str), an image
+#: (bytes, a `pathlib.Path`, a PIL image), or a `(any of these, weight)` pair.
+ExampleInput = Union[Example, ExampleId, str, bytes, "os.PathLike[str]", "PILImage", tuple[Any, float]]
+
+#: What `legs=` takes: {"image": 0.5, "caption": 0.3, "keyword": 0.2}, a sequence of
+#: (target, weight) pairs, or a sequence of targets (weight 1 each).
+LegsInput = Mapping[Any, float] | Sequence[Any]
+
+
+class DecayFunction(str, Enum):
+    GAUSS = "gauss"
+    EXP = "exp"
+    LINEAR = "linear"
+
+
+@dataclass(frozen=True)
+class Decay:
+    """Boosts hits by how close a numeric field is to `origin` (Milvus decay reranker):
+    score x factor, the factor is 1 within `offset` of the origin and `decay` at
+    `offset + scale`.
+
+    `field`: "ingested_at" (milliseconds since the epoch) or an indexed numeric field.
+    For "ingested_at", `scale` and `offset` are milliseconds and also take a
+    `timedelta` or a duration string ("7d", "12h", "30m", "45s", "500ms"); origin 0
+    means now.
+    """
+
+    field: str = "ingested_at"
+    scale: float | timedelta | str = 0.0
+    origin: float = 0.0
+    offset: float | timedelta | str = 0.0
+    decay: float = 0.0  # 0: the server default, 0.5
+    function: DecayFunction | str = DecayFunction.GAUSS
+
+
+@dataclass(frozen=True)
+class SearchAllProgress:
+    """After each streamed batch: hits sent so far (this batch included)."""
+
+    sent: int
+    batch: int
+
+
+class SearchFeatures(TypedDict, total=False):
+    """`search`'s keyword arguments beyond text / image / vector (see `SearchClient.search`)."""
+
+    like: str | None
+    examples: Sequence[ExampleInput] | None
+    min_score: float | None
+    legs: LegsInput | None
+    group_by: str | None
+    group_size: int
+    decay: Decay | None
+    boost_recency: float | timedelta | str | None
+
+
+class StreamQuery(TypedDict, total=False):
+    """`search_all`'s keyword arguments (one target in rank order: no legs, grouping or decay)."""
+
+    image: ImageInput | None
+    instruction: str | None
+    instruction_weight: float
+    vector: Sequence[float] | None
+    like: str | None
+    examples: Sequence[ExampleInput] | None
+    target: Target | str | None
+    filter: str
+    output_fields: Sequence[str]
+    min_score: float | None
+
+
+ProgressCallback = Callable[[SearchAllProgress], None]
 
 
 @dataclass(frozen=True)
@@ -260,6 +356,10 @@ class Stats:
     metric_type: str
     milvus_mode: str
     caption_pending_count: int = 0
+    # The collection has the keyword (BM25) leg; False for collections created before it.
+    keyword_index: bool = False
+    # Indexed metadata fields as "name:type" (string, int, float, bool).
+    indexed_fields: tuple[str, ...] = ()
 
 
 class SearchError(Exception):
