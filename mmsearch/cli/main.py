@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.markup import escape
@@ -467,6 +467,17 @@ def backfill(
         raise typer.Exit(1)
 
 
+# Search's per-capability health names (docs/operations.md, "Search health").
+SEARCH_CAPABILITIES = ("search.text", "ingest", "ingest.caption")
+
+
+def _health_or_error(conn: Connection, address: str, service: str) -> str:
+    try:
+        return check_health(conn.config(address), service=service, timeout=min(conn.timeout, 5.0))
+    except SearchError as e:
+        return e.code.name
+
+
 @app.command()
 def health(
     ctx: typer.Context,
@@ -474,15 +485,25 @@ def health(
     captioner_address: Annotated[str, typer.Option(envvar="MMSEARCH_CAPTIONER_ADDRESS", help="Captioner host:port.")] = "127.0.0.1:50052",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """grpc.health.v1 status of the search service, the embedder and the captioner. Exit 1 unless all SERVING."""
+    """grpc.health.v1 status of the search service, the embedder and the captioner. Exit 1 unless all SERVING.
+
+    A SERVING search also lists its capabilities that are NOT_SERVING ("degraded": it answers
+    the calls that do not need the missing upstream; docs/operations.md).
+    """
     conn = _conn(ctx)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, address in (("search", conn.address), ("embedder", embedder_address), ("captioner", captioner_address)):
         try:
             status = check_health(conn.config(address), timeout=min(conn.timeout, 5.0))
         except SearchError as e:
             status = f"{e.code.name}: {e.details}"
-        rows.append({"service": name, "address": address, "status": status})
+        row: dict[str, Any] = {"service": name, "address": address, "status": status}
+        if name == "search" and status == "SERVING":
+            row["degraded"] = [
+                capability for capability in SEARCH_CAPABILITIES
+                if _health_or_error(conn, address, capability) not in ("SERVING", "SERVICE_UNKNOWN")
+            ]
+        rows.append(row)
     if as_json:
         output.print_json(rows)
     else:
@@ -491,7 +512,8 @@ def health(
             table.add_column(col)
         for row in rows:
             style = "green" if row["status"] == "SERVING" else "red"
-            table.add_row(row["service"], row["address"], f"[{style}]{row['status']}[/]")
+            degraded = f" [yellow](degraded: {', '.join(row['degraded'])} not serving)[/]" if row.get("degraded") else ""
+            table.add_row(row["service"], row["address"], f"[{style}]{escape(row['status'])}[/]{degraded}")
         output.console.print(table)
     if any(row["status"] != "SERVING" for row in rows):
         raise typer.Exit(1)

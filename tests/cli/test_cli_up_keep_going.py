@@ -20,7 +20,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from mmsearch.cli.main import app
 from mmsearch.client import SearchClient
 from tests.captioner.fakes import FakeUpstream
 from tests.cli.launcher_support import ROOT, alive, wait_gone
@@ -28,6 +30,7 @@ from tests.conftest import free_port
 from tests.embedder.dashscope_fake import FakeDashScope
 
 KEY = "sk-keep-going-test-key"
+runner = CliRunner()
 
 
 @pytest.fixture
@@ -66,6 +69,10 @@ def start_up(fakes: tuple[FakeUpstream, FakeDashScope], data_dir: Path, *extra: 
                 return proc, {p["name"]: p["pid"] for p in state["processes"]}, state["search_address"]
         time.sleep(0.2)
     raise AssertionError("the suite did not start")
+
+
+def state_addresses(data_dir: Path) -> dict[str, str]:
+    return {p["name"]: p["address"] for p in json.loads((data_dir / "suite.json").read_text())["processes"]}
 
 
 def output_of(data_dir: Path) -> str:
@@ -107,6 +114,13 @@ def test_keep_going_reports_the_death_and_keeps_the_rest_serving(
             assert client.health("ingest.caption") == "NOT_SERVING"
             assert client.stats().item_count == 0
             assert client.search(text="a cat", top_k=3).hits == [], "text search works without the captioner"
+        # `mmsearch health` tells degraded from down.
+        result = runner.invoke(app, ["--address", address, "health", "--embedder-address", state_addresses(data_dir)[
+            "embedder"], "--captioner-address", state_addresses(data_dir)["captioner"], "--json"])
+        rows = {r["service"]: r for r in json.loads(result.stdout)}
+        assert result.exit_code == 1, "not everything is SERVING"
+        assert rows["search"]["status"] == "SERVING" and rows["search"]["degraded"] == ["ingest.caption"]
+        assert rows["embedder"]["status"] == "SERVING" and rows["captioner"]["status"] != "SERVING"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         assert wait_gone(list(pids.values()), 10) == []
