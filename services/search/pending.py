@@ -16,6 +16,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from services.common.log import get_logger
+
+log = get_logger(__name__)
+
 
 class PendingImages:
     def __init__(self, folder: Path) -> None:
@@ -33,7 +37,13 @@ class PendingImages:
             os.replace(tmp, path)  # a reader never sees half a file
 
     async def put_many(self, items: Sequence[tuple[str, bytes]]) -> None:
-        await asyncio.to_thread(self._put, items)
+        """Never fails the ingest: without its copy an item is still stored pending, and the
+        backfill reports it FAILED ("re-ingest the item") if its URI cannot be read either."""
+        try:
+            await asyncio.to_thread(self._put, items)
+        except OSError as e:
+            log.warning("could not keep deferred images for the backfill", folder=str(self.folder), error=str(e),
+                        items=len(items))
 
     async def get(self, item_id: str) -> bytes | None:
         path = self._path(item_id)
