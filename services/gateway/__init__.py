@@ -1,0 +1,1 @@
+"""The HTTP/JSON gateway: every public Search RPC over HTTP, and a search page."""
