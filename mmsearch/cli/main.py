@@ -11,7 +11,7 @@ read the environment (MMSEARCH_ADDRESS, MMSEARCH_TOKEN, ...):
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -30,17 +30,20 @@ from mmsearch.client import (
     BackfillProgress,
     BackfillStatus,
     ConnectionConfig,
+    Example,
     Fusion,
     FusionMethod,
     IngestItem,
     IngestSummary,
     IngestUpdate,
+    SearchAllProgress,
     SearchClient,
     SearchError,
     SearchResult,
     Target,
     check_health,
 )
+from mmsearch.client._convert import duration_ms
 from mmsearch.suite import LocalSuite, SuiteConfig, SuiteError, install_interrupt_handlers, wait_forever
 
 T = TypeVar("T")
@@ -60,6 +63,7 @@ class Mode(str, Enum):
     image = "image"
     caption = "caption"
     hybrid = "hybrid"
+    keyword = "keyword"
 
 
 class FusionChoice(str, Enum):
@@ -308,27 +312,141 @@ class QuerySpec:
     text: str | None = None
     image: str | None = None
     instruction: str | None = None
+    like: str | None = None
+    # Multi-example query: (TEXT, PATH, URI or id:ID as given on the command line, weight).
+    examples: list[tuple[str, float]] = field(default_factory=list)
     target: Target = Target.IMAGE
+    legs: dict[str, float] | list[str] | None = None
     fusion: Fusion | None = None
     top_k: int = 10
     offset: int = 0
     filter: str = ""
+    min_score: float | None = None
+    group_by: str | None = None
+    group_size: int = 0
+    boost_recency: str | None = None
 
     @property
     def label(self) -> str:
+        if self.examples:
+            n_neg = sum(1 for _, w in self.examples if w < 0)
+            source = f"{len(self.examples) - n_neg} examples" + (f", {n_neg} not" if n_neg else "")
+            return output.query_label(None, None, None, self.target, source=source)
+        if self.like is not None:
+            return output.query_label(None, None, None, self.target, source=f"like {self.like}")
         return output.query_label(self.text, self.image, self.instruction, self.target)
+
+    def query_kwargs(self) -> dict[str, Any]:
+        """The query part of a search (shared by Search and SearchAll)."""
+        kwargs: dict[str, Any] = {"target": self.target, "filter": self.filter, "min_score": self.min_score}
+        if self.examples:
+            kwargs["examples"] = [cli_example(spec, weight) for spec, weight in self.examples]
+        elif self.like is not None:
+            kwargs["like"] = self.like
+        elif self.text is not None:
+            kwargs["text"] = self.text
+        else:
+            kwargs["image"], kwargs["instruction"] = self.image, self.instruction
+        return kwargs
 
     def run(self, client: SearchClient) -> SearchResult:
         return client.search(
-            self.text,
-            image=self.image if self.image else None,
-            instruction=self.instruction,
-            target=self.target,
+            **self.query_kwargs(),
+            legs=self.legs,
             fusion=self.fusion,
             top_k=self.top_k,
             offset=self.offset,
-            filter=self.filter,
+            group_by=self.group_by,
+            group_size=self.group_size,
+            boost_recency=self.boost_recency,
         )
+
+
+def cli_example(spec: str, weight: float) -> Example:
+    """`--example` / `--not`: `id:ID` is a stored item, an existing file or a URI is an image, else text."""
+    if spec.startswith("id:"):
+        return Example(id=spec[3:], weight=weight)
+    if "://" in spec or Path(spec).expanduser().is_file():
+        return Example(image=spec if "://" in spec else Path(spec).expanduser(), weight=weight)
+    return Example(text=spec, weight=weight)
+
+
+def parse_legs(spec: str) -> dict[str, float] | list[str]:
+    """`image,caption,keyword` (RRF) or `image=0.5,caption=0.3,keyword=0.2` (weighted)."""
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    weighted = ["=" in p for p in parts]
+    if not parts or (any(weighted) and not all(weighted)):
+        raise ValueError(f"--legs {spec!r}: give legs as image,caption,keyword or with a weight each, "
+                         "image=0.5,caption=0.3,keyword=0.2")
+    names = [p.split("=", 1)[0].strip().lower() for p in parts]
+    for name in names:
+        if name not in ("image", "caption", "keyword"):
+            raise ValueError(f"--legs: unknown leg {name!r}: image, caption or keyword")
+    if len(set(names)) != len(names):
+        raise ValueError(f"--legs {spec!r}: a leg is named twice")
+    if not all(weighted):
+        return names
+    legs: dict[str, float] = {}
+    for name, part in zip(names, parts, strict=True):
+        try:
+            legs[name] = float(part.split("=", 1)[1])
+        except ValueError:
+            raise ValueError(f"--legs: weight of {name} is not a number: {part!r}") from None
+    return legs
+
+
+def _check_search_options(query: QuerySpec, *, mode_given: bool, all_hits: bool, out: Path | None) -> None:
+    """Bad combinations: a clear message, exit code 2."""
+    direct = [n for n, v in (("--text", query.text), ("--image", query.image), ("--like", query.like)) if v is not None]
+    if query.examples:
+        if not any(w > 0 for _, w in query.examples):
+            raise _fail("--not needs something to be like: --text, --image, --like or --example", 2)
+    elif len(direct) != 1:
+        raise _fail("give exactly one query: --text, --image (add --instruction for a composed query), --like ID, "
+                    "or --example / --not (repeatable)", 2)
+    if query.instruction is not None and query.image is None:
+        raise _fail("--instruction needs --image", 2)
+    if query.instruction is not None and query.examples:
+        raise _fail("--instruction goes with a single --image query, not with --example / --not", 2)
+    if query.image is not None and "://" not in query.image and not Path(query.image).expanduser().is_file():
+        raise _fail(f"--image {query.image}: no such file", 2)
+    if query.legs is not None and mode_given and query.target is not Target.HYBRID:
+        raise _fail(f"--legs fuses several legs: it goes with --mode hybrid, not --mode {query.target.value}", 2)
+    if query.target is Target.KEYWORD and (query.text is None or query.image or query.like or query.examples):
+        raise _fail("--mode keyword matches words: it takes --text only", 2)
+    if query.group_size and not query.group_by:
+        raise _fail("--group-size needs --group-by FIELD", 2)
+    if query.group_by and query.offset:
+        raise _fail("--group-by does not page: leave out --offset", 2)
+    if all_hits:
+        if query.target is Target.HYBRID:
+            raise _fail("--all streams one target (image, caption or keyword), not hybrid / --legs", 2)
+        for flag, used in (("--group-by", query.group_by), ("--boost-recency", query.boost_recency),
+                           ("--offset", query.offset), ("--out", out)):
+            if used:
+                raise _fail(f"--all streams every hit in rank order: leave out {flag}", 2)
+
+
+def stream_all(conn: Connection, query: QuerySpec, limit: int, batch_size: int) -> int:
+    """`--all`: every hit as one JSON line on stdout, progress on stderr; returns the count."""
+    count = 0
+
+    def run(client: SearchClient) -> int:
+        nonlocal count
+        with output.stream_progress(limit) as (progress, task):
+            def on_progress(p: SearchAllProgress) -> None:
+                output.flush_stdout()  # the previous batch's lines
+                progress.update(task, completed=p.sent)
+
+            for hit in client.search_all(limit=limit, batch_size=batch_size, on_progress=on_progress,
+                                         **query.query_kwargs()):
+                output.print_json_line(hit)
+                count += 1
+        return count
+
+    conn.call(run)
+    output.err_console.print(f"{count} hits streamed · {query.label}")
+    return count
 
 
 @app.command()
@@ -337,36 +455,69 @@ def search(
     text: Annotated[str | None, typer.Option("--text", "-t", help="Text query.")] = None,
     image: Annotated[str | None, typer.Option("--image", "-i", help="Query image: a local path, or a URI the server reads.")] = None,
     instruction: Annotated[str | None, typer.Option(help="With --image: a composed query ('the same in black').")] = None,
-    mode: Annotated[Mode, typer.Option("--mode", "-m", help="Vectors to search: image, caption or hybrid (both, fused).")] = Mode.image,
-    fusion: Annotated[FusionChoice, typer.Option(help="Hybrid fusion.")] = FusionChoice.rrf,
+    like: Annotated[str | None, typer.Option("--like", help="More like this stored item (its id); the item itself is left out.")] = None,
+    example: Annotated[list[str] | None, typer.Option("--example", "-e", help="Like this (repeatable): a text, an image path or URI, or id:ID (a stored item).")] = None,
+    not_: Annotated[list[str] | None, typer.Option("--not", help="Not like this (repeatable, weight -1): a text, an image path or URI, or id:ID.")] = None,
+    mode: Annotated[Mode | None, typer.Option("--mode", "-m", help="What to search: image or caption vectors, keyword (BM25 over captions and keywords), or hybrid (legs fused); default image, hybrid with --legs.", show_default=False)] = None,
+    legs: Annotated[str | None, typer.Option("--legs", help="Hybrid legs: image,caption,keyword (RRF) or with weights image=0.5,caption=0.3,keyword=0.2 (weighted fusion).")] = None,
+    fusion: Annotated[FusionChoice | None, typer.Option(help="Hybrid fusion; default rrf, weighted when --legs has weights.", show_default=False)] = None,
     image_weight: Annotated[float, typer.Option(help="Weighted fusion: weight of image scores.")] = 0.0,
     caption_weight: Annotated[float, typer.Option(help="Weighted fusion: weight of caption scores.")] = 0.0,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Number of hits.")] = 10,
     offset: Annotated[int, typer.Option(min=0, help="Skip this many best hits (pagination).")] = 0,
     filter: Annotated[str, typer.Option("--filter", "-f", help="Milvus expression, e.g. 'metadata[\"label\"] == \"cat\"'.")] = "",
+    min_score: Annotated[float | None, typer.Option("--min-score", help="Drop hits scoring below this (higher is better; meaning per metric in docs/search.md).")] = None,
+    group_by: Annotated[str | None, typer.Option("--group-by", help="At most --group-size hits per value of this indexed field (mmsearch stats lists them).")] = None,
+    group_size: Annotated[int, typer.Option("--group-size", min=0, max=16, help="Hits per group with --group-by (0: 1).")] = 0,
+    boost_recency: Annotated[str | None, typer.Option("--boost-recency", help="Boost recent items: the age at which the boost halves, e.g. 7d, 12h, 30m, or milliseconds.")] = None,
+    all_hits: Annotated[bool, typer.Option("--all", help="Stream every hit in rank order as JSON lines (one hit per line; progress on stderr).")] = False,
+    limit: Annotated[int, typer.Option(min=0, help="With --all: stop after this many hits (0: all that match).")] = 0,
+    batch_size: Annotated[int, typer.Option(min=0, max=1000, help="With --all: hits per message (0: the server's 256).")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write a contact sheet PNG here.")] = None,
 ) -> None:
-    """Search by text, image, or image + instruction; print a table, optionally write a contact sheet."""
+    """Search by text, image, image + instruction, a stored item (--like) or examples (--example / --not); print a table, optionally write a contact sheet or stream every hit (--all)."""
     conn = _conn(ctx)
-    if (text is None) == (image is None):
-        raise _fail("give exactly one of --text and --image (add --instruction to --image for a composed query)", 2)
-    if instruction is not None and image is None:
-        raise _fail("--instruction needs --image", 2)
-    if image is not None and "://" not in image and not Path(image).expanduser().is_file():
-        raise _fail(f"--image {image}: no such file", 2)
+    try:
+        leg_spec = parse_legs(legs) if legs is not None else None
+        if boost_recency is not None and duration_ms(boost_recency) <= 0:
+            raise ValueError(f"--boost-recency {boost_recency}: must be > 0")
+    except ValueError as e:
+        raise _fail(str(e), 2) from None
+    target = Target(mode.value) if mode is not None else (Target.HYBRID if leg_spec is not None else Target.IMAGE)
+    examples: list[tuple[str, float]] = []
+    if example or not_:
+        if image is not None:
+            examples.append((image, 1.0))
+        if text is not None:
+            examples.append((text, 1.0))
+        if like is not None:
+            examples.append((f"id:{like}", 1.0))
+        examples += [(e, 1.0) for e in example or []] + [(n, -1.0) for n in not_ or []]
     query = QuerySpec(
         text=text,
         image=image,
         instruction=instruction,
-        target=Target(mode.value),
-        fusion=Fusion(FusionMethod(fusion.value), image_weight=image_weight, caption_weight=caption_weight)
-        if mode is Mode.hybrid
+        like=like,
+        examples=examples,
+        target=target,
+        legs=leg_spec,
+        fusion=Fusion(FusionMethod(fusion.value if fusion else ("weighted" if isinstance(leg_spec, dict) else "rrf")),
+                      image_weight=image_weight, caption_weight=caption_weight)
+        if target is Target.HYBRID
         else None,
         top_k=top_k,
         offset=offset,
         filter=filter,
+        min_score=min_score,
+        group_by=group_by,
+        group_size=group_size,
+        boost_recency=boost_recency,
     )
+    _check_search_options(query, mode_given=mode is not None, all_hits=all_hits, out=out)
+    if all_hits:
+        stream_all(conn, query, limit, batch_size)
+        return
     result = conn.call(query.run)
     if as_json:
         output.print_json({"query": output.to_jsonable(query) | {"label": query.label}, **output.to_jsonable(result)})
@@ -374,7 +525,8 @@ def search(
         output.console.print(output.hits_table(result, title=query.label))
         output.console.print(f"[dim]{output.timings_line(result)}[/]")
     if out is not None:
-        layout = output.write_sheet(out, result, label=query.label, text=text, image=image, instruction=instruction)
+        layout = output.write_sheet(out, result, label=query.label, text=text if text is not None else query.label,
+                                    image=image if not query.examples else None, instruction=instruction)
         output.err_console.print(f"contact sheet: [bold]{escape(str(out))}[/] ({layout.size[0]}x{layout.size[1]}, {len(layout.tiles)} tiles)")
 
 

@@ -1,13 +1,14 @@
 """Terminal output of the CLI: tables, JSON, ingest progress, suite logs, contact sheets."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
@@ -21,6 +22,7 @@ from rich.progress import (
     ProgressColumn,
     SpinnerColumn,
     Task,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -83,13 +85,25 @@ def print_json(value: Any) -> None:
     console.print_json(json.dumps(to_jsonable(value), ensure_ascii=False))
 
 
+def print_json_line(value: Any) -> None:
+    """One compact JSON document on one line of stdout (JSON lines: never wrapped or styled)."""
+    sys.stdout.write(json.dumps(to_jsonable(value), ensure_ascii=False, separators=(",", ":")) + "\n")
+
+
+def flush_stdout() -> None:
+    sys.stdout.flush()
+
+
 # ---------------------------------------------------------------------------- search
 
 
-def query_label(text: str | None, image: str | None, instruction: str | None, target: Target) -> str:
-    """"text → image", "image → text", "image + text → image", "text → hybrid", ..."""
-    source = "image + text" if instruction else ("image" if image else "text")
-    dest = {Target.IMAGE: "image", Target.CAPTION: "text", Target.HYBRID: "hybrid"}[target]
+def query_label(
+    text: str | None, image: str | None, instruction: str | None, target: Target, source: str | None = None
+) -> str:
+    """"text → image", "image → text", "image + text → image", "text → hybrid", "like ID → image", ..."""
+    if source is None:
+        source = "image + text" if instruction else ("image" if image else "text")
+    dest = {Target.IMAGE: "image", Target.CAPTION: "text", Target.HYBRID: "hybrid", Target.KEYWORD: "keyword"}[target]
     return f"{source} → {dest}"
 
 
@@ -168,7 +182,8 @@ def stats_table(stats: Stats) -> Table:
     table.add_column(style="bold")
     table.add_column()
     for f in dataclasses.fields(stats):
-        table.add_row(f.name.replace("_", " "), str(getattr(stats, f.name)))
+        value = getattr(stats, f.name)
+        table.add_row(f.name.replace("_", " "), ", ".join(value) or "-" if isinstance(value, tuple) else str(value))
     return table
 
 
@@ -214,6 +229,15 @@ def backfill_progress() -> Progress:
         console=err_console,
         transient=False,
     )
+
+
+@contextlib.contextmanager
+def stream_progress(limit: int) -> Iterator[tuple[Progress, TaskID]]:
+    """`search --all`: hits streamed so far, on stderr (stdout carries the JSON lines)."""
+    progress = Progress(SpinnerColumn(), TextColumn("[bold]search --all"), BarColumn(), MofNCompleteColumn(),
+                        RateColumn(), TimeElapsedColumn(), console=err_console, transient=True)
+    with progress:
+        yield progress, progress.add_task("search", total=limit or None)
 
 
 def failures_table(
