@@ -27,8 +27,8 @@ from mmsearch.suite.process import LineSink, ManagedProcess, ProcessSpec, SuiteE
 #: Called when a child is ready: (name, address, seconds it took).
 ReadySink = Callable[[str, str, float], None]
 
-DEFAULT_PORTS = {"search": 50050, "embedder": 50051, "captioner": 50052, "milvus": 19530}
-DEFAULT_METRICS_PORTS = {"search": 9100, "embedder": 9101, "captioner": 9102}
+DEFAULT_PORTS = {"search": 50050, "embedder": 50051, "captioner": 50052, "milvus": 19530, "gateway": 8080}
+DEFAULT_METRICS_PORTS = {"search": 9100, "embedder": 9101, "captioner": 9102, "gateway": 9103}
 
 
 @dataclass
@@ -49,6 +49,10 @@ class SuiteConfig:
     search_port: int | None = None
     embedder_port: int | None = None
     captioner_port: int | None = None
+    # The HTTP/JSON gateway and search page (services/gateway) after search; `mmsearch up`
+    # turns it on. Its thumbnails read `file_root` like search does.
+    gateway: bool = False
+    gateway_port: int | None = None
     metrics: bool = True
     milvus: Literal["embedded", "server", "external"] = "embedded"
     milvus_uri: str | None = None
@@ -112,6 +116,7 @@ class LocalSuite:
             ("embedder", c.embedder_port),
             ("captioner", c.captioner_port),
             ("milvus", c.milvus_port),
+            ("gateway", c.gateway_port),
         ):
             ports[name] = given if given else (free_port(c.host) if auto else DEFAULT_PORTS[name])
         for name, port in DEFAULT_METRICS_PORTS.items():
@@ -132,6 +137,11 @@ class LocalSuite:
     @property
     def captioner_address(self) -> str:
         return self.address("captioner")
+
+    @property
+    def gateway_url(self) -> str | None:
+        """The search page and HTTP/JSON API, when the suite runs the gateway."""
+        return f"http://{self.address('gateway')}/" if self.config.gateway else None
 
     @property
     def milvus_uri(self) -> str:
@@ -212,6 +222,21 @@ class LocalSuite:
             ProcessSpec("captioner", [c.python, "-m", "services.captioner"], self.captioner_address, captioner_env),
             ProcessSpec("search", [c.python, "-m", "services.search"], self.search_address, search_env),
         ]
+        if c.gateway:
+            gateway_env = {
+                **c.env,
+                "GATEWAY_HOST": c.host,
+                "GATEWAY_HTTP_PORT": str(self._ports["gateway"]),
+                "GATEWAY_METRICS_PORT": str(self._ports["gateway_metrics"]),
+                "GATEWAY_LOG_JSON": "true",
+                "GATEWAY_SEARCH_TARGET": self.search_address,
+            }
+            if c.log_level:
+                gateway_env["GATEWAY_LOG_LEVEL"] = c.log_level
+            if c.file_root is not None:
+                gateway_env["GATEWAY_FILE_ROOT"] = str(Path(c.file_root).expanduser().resolve())
+            specs.append(ProcessSpec("gateway", [c.python, "-m", "services.gateway"], self.address("gateway"),
+                                     gateway_env, ready="tcp"))
         return specs
 
     # -- lifecycle
@@ -323,6 +348,7 @@ class LocalSuite:
         state = {
             "launcher_pid": os.getpid(),
             "search_address": self.search_address,
+            "gateway_url": self.gateway_url,
             "milvus_uri": self.milvus_uri,
             "processes": [
                 {"name": p.name, "pid": p.pid, "address": p.spec.address, "ready": p.ready_after_s is not None,
