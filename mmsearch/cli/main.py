@@ -177,6 +177,8 @@ def up(
     log_level: Annotated[str | None, typer.Option(help="Services' log level (DEBUG, INFO, ...).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Show only warnings and errors from the services.")] = False,
     keep_going: Annotated[bool, typer.Option("--keep-going", help="When a service dies after start-up, report it and keep the others serving (search degrades) instead of stopping everything.")] = False,
+    gateway: Annotated[bool, typer.Option("--gateway/--no-gateway", help="Run the HTTP/JSON API and search page (services/gateway).")] = True,
+    http_port: Annotated[int, typer.Option(help="HTTP port of the gateway (search page and HTTP/JSON API).")] = 8080,
 ) -> None:
     """Start Milvus (embedded Milvus Lite by default), the embedder, the captioner and the search service; Ctrl-C stops them."""
     config = SuiteConfig(
@@ -193,6 +195,8 @@ def up(
         file_root=file_root,
         log_level=log_level,
         start_timeout_s=start_timeout,
+        gateway=gateway,
+        gateway_port=http_port,
     )
     printer = output.SuiteLogPrinter(quiet_levels=("debug", "info") if quiet else ())
     ready_lines: list[str] = []
@@ -218,6 +222,7 @@ def up(
             output.err_console.print(
                 Panel.fit(
                     "\n".join(ready_lines)
+                    + (f"\n\nsearch page: {suite.gateway_url}" if suite.gateway_url else "")
                     + f"\n\ntry:  mmsearch --address {suite.search_address} demo"
                     + "\n      mmsearch ingest PATH;  mmsearch search --text 'a cat' --out cat.png"
                     + "\n\nCtrl-C stops everything",
