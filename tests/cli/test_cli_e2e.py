@@ -73,6 +73,7 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
                 "--embedder-port", str(ports["embedder"]),
                 "--captioner-port", str(ports["captioner"]),
                 "--no-metrics",
+                "--no-gateway",  # the three gRPC services; tests/gateway runs `up` with the gateway
                 "--start-timeout", str(START_TIMEOUT_S),
             ],
             cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT,

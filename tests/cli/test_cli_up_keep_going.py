@@ -56,7 +56,8 @@ def start_up(fakes: tuple[FakeUpstream, FakeDashScope], data_dir: Path, *extra: 
     proc = subprocess.Popen(
         [sys.executable, "-m", "mmsearch.cli.main", "up", "--data-dir", str(data_dir), "--no-metrics", "--quiet",
          "--embedder-backend", "dashscope", "--captioner-backend", "dashscope", "--start-timeout", "120",
-         "--search-port", str(ports[0]), "--embedder-port", str(ports[1]), "--captioner-port", str(ports[2]), *extra],
+         "--search-port", str(ports[0]), "--embedder-port", str(ports[1]), "--captioner-port", str(ports[2]),
+         "--no-gateway", *extra],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     log.close()
     state_file = data_dir / "suite.json"
