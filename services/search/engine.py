@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import json
+import math
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -11,21 +12,28 @@ from typing import Any
 import numpy as np
 
 from services.common.admission import AdmissionLimiter
-from services.common.convert import Content, ComposedContent, ImageContent, TextContent
+from services.common.convert import ComposedContent, Content, ImageContent, TextContent
 from services.common.errors import DeadlineExceeded, FailedPrecondition, InvalidInput
 from services.common.intake import ImageIntake, ImageRef
 from services.search import fields as F
 from services.search.metrics import SEARCH_SECONDS, SEARCH_STAGE_SECONDS
-from services.search.milvus_store import MilvusStore, RawHit
+from services.search.milvus_store import DecaySpec, LegQuery, MilvusStore, RawHit, SearchOptions
 from services.search.settings import SearchSettings
 from services.search.upstreams import EmbedderClient
-from services.search.validation import check_filter, check_vector
+from services.search.validation import check_filter, check_id, check_vector
 
 
 class Target(str, Enum):
     IMAGE = "image"
     CAPTION = "caption"
     HYBRID = "hybrid"
+    KEYWORD = "keyword"
+
+
+# The Milvus field each single target searches.
+LEG_FIELDS = {Target.IMAGE: F.IMAGE_VECTOR, Target.CAPTION: F.CAPTION_VECTOR, Target.KEYWORD: F.KEYWORD_SPARSE}
+DECAY_FUNCTIONS = ("gauss", "exp", "linear")
+MAX_GROUP_SIZE = 16
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,39 @@ class Fusion:
     rrf_k: int = 60
     image_weight: float = 0.5
     caption_weight: float = 0.5
+
+
+@dataclass(frozen=True)
+class Leg:
+    """One leg of a hybrid search and its weight (WEIGHTED fusion)."""
+
+    target: Target
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Example:
+    """One example of a multi-example query: content to embed, or a stored item's id."""
+
+    weight: float
+    content: Content | None = None
+    id: str = ""
+
+
+@dataclass(frozen=True)
+class GroupBy:
+    field: str
+    size: int = 1
+
+
+@dataclass(frozen=True)
+class Decay:
+    field: str
+    scale: float
+    function: str = "gauss"
+    origin: float = 0.0  # for ingested_at, 0 means now
+    offset: float = 0.0
+    decay: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -46,6 +87,17 @@ class SearchQuery:
     offset: int = 0
     filter: str = ""
     output_fields: tuple[str, ...] = ()
+    legs: tuple[Leg, ...] = ()
+    like_id: str = ""
+    examples: tuple[Example, ...] = ()
+    min_score: float | None = None
+    group_by: GroupBy | None = None
+    decay: Decay | None = None
+
+    @property
+    def embeds(self) -> bool:
+        """The query needs the embedder."""
+        return self.content is not None or any(e.content is not None for e in self.examples)
 
 
 @dataclass(frozen=True)
@@ -66,8 +118,14 @@ class SearchResult:
 
 
 def mode_label(query: SearchQuery) -> str:
-    """'text->image', 'composed->hybrid', ... for metrics."""
-    kind = {TextContent: "text", ImageContent: "image", ComposedContent: "composed"}.get(type(query.content), "vector")
+    """'text->image', 'composed->hybrid', 'like->caption', ... for metrics."""
+    if query.like_id:
+        kind = "like"
+    elif query.examples:
+        kind = "examples"
+    else:
+        kind = {TextContent: "text", ImageContent: "image", ComposedContent: "composed"}.get(
+            type(query.content), "vector")
     return f"{kind}->{query.target.value}"
 
 
@@ -75,11 +133,17 @@ def _no_gate() -> None:
     return None
 
 
+def _finite(value: float, what: str) -> float:
+    if not math.isfinite(value):
+        raise InvalidInput(f"{what} must be a finite number, got {value}")
+    return value
+
+
 class SearchEngine:
     """`embedder_gate` raises when queries cannot be embedded now (embedder unreachable, or
     not bound to the collection's model yet): such calls fail at once, before taking an
     admission slot. `bound_model_id` is the model the collection was built by ("" while
-    unknown); query_vector searches need only Milvus (the collection gives the dimension).
+    unknown); query_vector, like_id and stored-id searches need only Milvus.
     """
 
     def __init__(
@@ -93,90 +157,289 @@ class SearchEngine:
         self.embedder_gate = embedder_gate
         self.bound_model_id = bound_model_id
         self.limiter = AdmissionLimiter(settings.max_concurrent_searches, settings.max_waiting_searches, "searches")
+        self.exports = AdmissionLimiter(settings.max_concurrent_exports, 0, "SearchAll streams")
 
-    def _validate(self, q: SearchQuery) -> tuple[int, list[str], str]:
+    # --- validation (no I/O) -------------------------------------------------------------
+
+    def _validate_page(self, q: SearchQuery) -> None:
         s = self.settings
-        top_k = q.top_k
-        if not 1 <= top_k <= s.max_top_k:
+        if not 1 <= q.top_k <= s.max_top_k:
             raise InvalidInput(f"top_k must be between 1 and {s.max_top_k}, got {q.top_k}")
         if q.offset < 0:
             raise InvalidInput(f"offset must be >= 0, got {q.offset}")
-        if q.offset + top_k > s.max_window:
-            raise InvalidInput(f"offset + top_k must be at most {s.max_window}, got {q.offset + top_k}")
-        if (q.content is None) == (q.vector is None):
-            raise InvalidInput("set exactly one of query and query_vector")
-        if isinstance(q.content, TextContent) and not q.content.text.strip():
-            raise InvalidInput("query text is empty")
-        if isinstance(q.content, ComposedContent) and not q.content.instruction.strip():
-            raise InvalidInput("composed query has an empty instruction")
+        if q.offset + q.top_k > s.max_window:
+            raise InvalidInput(f"offset + top_k must be at most {s.max_window}, got {q.offset + q.top_k}")
+        if q.group_by is not None and q.offset > 0:
+            raise InvalidInput("group_by cannot be combined with offset > 0 (groups are formed over the first page)")
+
+    def _validate(self, q: SearchQuery) -> tuple[list[str], str]:
+        s = self.settings
+        given = [q.content is not None, q.vector is not None, bool(q.like_id), bool(q.examples)]
+        if sum(given) != 1:
+            raise InvalidInput("set exactly one of query, query_vector, like_id and examples")
+        self._check_content(q.content, "query")
+        if q.like_id:
+            check_id(q.like_id)
+        self._validate_examples(q.examples)
         unknown = [f for f in q.output_fields if f not in F.OUTPUT_FIELDS]
         if unknown:
             raise InvalidInput(f"unknown output fields {unknown}; known: {sorted(F.OUTPUT_FIELDS)}")
         names = list(q.output_fields) or list(F.OUTPUT_FIELDS)
-        fuse = q.fusion
         if q.target is Target.HYBRID:
-            if not 0 < fuse.rrf_k < 16384:
-                raise InvalidInput(f"fusion.rrf_k must be in (0, 16384), got {fuse.rrf_k}")
-            if fuse.weighted and not (0 <= fuse.image_weight <= 1 and 0 <= fuse.caption_weight <= 1):
-                raise InvalidInput("fusion weights must be in [0, 1]")
-        return top_k, names, check_filter(q.filter, s.max_filter_chars)
+            self._validate_fusion(q)
+        elif q.legs:
+            raise InvalidInput("legs apply to the HYBRID target only")
+        legs = self._legs(q)
+        if any(leg.target is Target.KEYWORD for leg in legs) and not (
+                isinstance(q.content, TextContent) or q.like_id):
+            raise InvalidInput("the keyword leg takes a text query (or like_id): images, vectors and examples "
+                               "cannot be matched by words")
+        if q.min_score is not None:
+            _finite(q.min_score, "min_score")
+        if q.group_by is not None and not 1 <= q.group_by.size <= MAX_GROUP_SIZE:
+            raise InvalidInput(f"group_by.size must be between 1 and {MAX_GROUP_SIZE}, got {q.group_by.size}")
+        if q.decay is not None:
+            self._validate_decay(q)
+        return names, check_filter(q.filter, s.max_filter_chars)
 
-    async def _query_vector(self, q: SearchQuery, deadline: float | None = None) -> np.ndarray:
-        if q.vector is not None:
-            return check_vector(q.vector, (await self.store.require()).dimension)
-        content = q.content
-        assert content is not None
-        # Fetch URIs here (under our file-root / SSRF rules) and send bytes upstream.
-        if isinstance(content, ImageContent | ComposedContent) and content.image.uri:
-            data = await self.intake.read(content.image)
-            content = (
-                ImageContent(ImageRef(data=data)) if isinstance(content, ImageContent)
-                else ComposedContent(ImageRef(data=data), content.instruction, content.instruction_weight)
+    @staticmethod
+    def _check_content(content: Content | None, what: str) -> None:
+        if isinstance(content, TextContent) and not content.text.strip():
+            raise InvalidInput(f"{what} text is empty")
+        if isinstance(content, ComposedContent) and not content.instruction.strip():
+            raise InvalidInput(f"{what}: composed query has an empty instruction")
+
+    def _validate_examples(self, examples: tuple[Example, ...]) -> None:
+        if not examples:
+            return
+        if len(examples) > self.settings.max_examples:
+            raise InvalidInput(f"{len(examples)} examples, more than the limit of {self.settings.max_examples}")
+        for i, e in enumerate(examples):
+            _finite(e.weight, f"examples[{i}].weight")
+            if e.weight == 0:
+                raise InvalidInput(f"examples[{i}].weight is 0: give each example a positive or negative weight")
+            if (e.content is None) == (not e.id):
+                raise InvalidInput(f"examples[{i}] needs exactly one of content and id")
+            if e.id:
+                check_id(e.id)
+            self._check_content(e.content, f"examples[{i}]")
+        if not any(e.weight > 0 for e in examples):
+            raise InvalidInput("examples need at least one positive weight (negatives only push results away)")
+
+    @staticmethod
+    def _validate_fusion(q: SearchQuery) -> None:
+        fuse = q.fusion
+        if not 0 < fuse.rrf_k < 16384:
+            raise InvalidInput(f"fusion.rrf_k must be in (0, 16384), got {fuse.rrf_k}")
+        if fuse.weighted and not (0 <= fuse.image_weight <= 1 and 0 <= fuse.caption_weight <= 1):
+            raise InvalidInput("fusion weights must be in [0, 1]")
+        seen = set()
+        for leg in q.legs:
+            if leg.target not in LEG_FIELDS:
+                raise InvalidInput(f"a hybrid leg must be IMAGE, CAPTION or KEYWORD, got {leg.target.value}")
+            if leg.target in seen:
+                raise InvalidInput(f"leg {leg.target.value} is given twice")
+            seen.add(leg.target)
+            if _finite(leg.weight, f"{leg.target.value} leg weight") < 0:
+                raise InvalidInput(f"{leg.target.value} leg weight must be >= 0, got {leg.weight}")
+        if q.legs and fuse.weighted and not any(leg.weight > 0 for leg in q.legs):
+            raise InvalidInput("weighted fusion needs at least one leg with a weight > 0")
+        if q.decay is not None:
+            raise InvalidInput("decay cannot be combined with the HYBRID target")
+
+    @staticmethod
+    def _validate_decay(q: SearchQuery) -> None:
+        d = q.decay
+        assert d is not None
+        if d.function not in DECAY_FUNCTIONS:
+            raise InvalidInput(f"unknown decay function {d.function!r}; use one of {DECAY_FUNCTIONS}")
+        if not _finite(d.scale, "decay.scale") > 0:
+            raise InvalidInput(f"decay.scale must be > 0, got {d.scale}")
+        if _finite(d.offset, "decay.offset") < 0:
+            raise InvalidInput(f"decay.offset must be >= 0, got {d.offset}")
+        if not 0 < _finite(d.decay, "decay.decay") < 1:
+            raise InvalidInput(f"decay.decay must be in (0, 1), got {d.decay}")
+        _finite(d.origin, "decay.origin")
+
+    @staticmethod
+    def _legs(q: SearchQuery) -> list[Leg]:
+        if q.target is not Target.HYBRID:
+            return [Leg(q.target)]
+        if q.legs:
+            return list(q.legs)
+        weights = (q.fusion.image_weight, q.fusion.caption_weight)
+        return [Leg(Target.IMAGE, weights[0]), Leg(Target.CAPTION, weights[1])]
+
+    # --- resolution against the collection ------------------------------------------------
+
+    async def _options(self, q: SearchQuery, names: list[str], expr: str) -> SearchOptions:
+        info = await self.store.require()
+        group_by = None
+        if q.group_by is not None:
+            if q.group_by.field not in info.indexed_fields:
+                raise InvalidInput(f"group_by.field {q.group_by.field!r} is not an indexed field of this "
+                                   f"collection (indexed: {sorted(info.indexed_fields) or 'none'})")
+            group_by = (q.group_by.field, q.group_by.size)
+        decay = None
+        if q.decay is not None:
+            d = q.decay
+            numeric = [n for n, kind in info.indexed_fields.items() if kind in ("int", "float")]
+            if d.field == "ingested_at":
+                column, origin = "ingested_at_ms", d.origin or time.time() * 1000
+            elif d.field in numeric:
+                column, origin = d.field, d.origin
+            else:
+                raise InvalidInput(f"decay.field {d.field!r} must be 'ingested_at' or an indexed numeric field "
+                                   f"(indexed numeric: {numeric or 'none'})")
+            decay = DecaySpec(d.function, column, origin, d.scale, d.offset, d.decay)
+        if q.like_id:  # the item itself is never a hit
+            own = f'id != "{q.like_id}"'  # check_id allows no quotes or backslashes
+            expr = f"({expr}) and {own}" if expr else own
+        fields = [F.OUTPUT_FIELDS[n] for n in names if n != F.CAPTION_PENDING or self.store.pending_supported]
+        return SearchOptions(expr, fields, q.min_score, group_by, decay)
+
+    async def _leg_queries(self, q: SearchQuery, deadline: float | None) -> list[LegQuery]:
+        """Each leg's query data: a vector for dense legs, text for the keyword leg."""
+        info = await self.store.require()
+        legs = self._legs(q)
+        if any(leg.target is Target.KEYWORD for leg in legs) and not info.has_keyword:
+            raise FailedPrecondition(
+                f"collection {self.store.collection!r} was created before the keyword leg existed and has no "
+                "keyword index. To migrate: set SEARCH_COLLECTION to a new name, re-ingest your items (ingest is "
+                "idempotent), then switch callers over and drop the old collection."
             )
+        if q.vector is not None:
+            vector = check_vector(q.vector, info.dimension)
+            return [LegQuery(LEG_FIELDS[leg.target], vector, leg.weight) for leg in legs]
+        if q.content is not None:
+            dense = any(leg.target is not Target.KEYWORD for leg in legs)
+            vector = (await self._embed([q.content], deadline))[0] if dense else np.zeros(0, np.float32)
+            text = q.content.text if isinstance(q.content, TextContent) else ""
+            return [LegQuery(LEG_FIELDS[leg.target], text if leg.target is Target.KEYWORD else vector, leg.weight)
+                    for leg in legs]
+        if q.like_id:
+            stored = (await self.store.stored_vectors([q.like_id])).get(q.like_id)
+            if stored is None:
+                raise InvalidInput(f"like_id {q.like_id!r} is not stored")
+            return [LegQuery(LEG_FIELDS[leg.target], self._stored_leg_data(q.like_id, stored, leg.target), leg.weight)
+                    for leg in legs]
+        return await self._example_legs(q, legs, deadline)
+
+    @staticmethod
+    def _stored_leg_data(item_id: str, stored: dict[str, Any], target: Target) -> np.ndarray | str:
+        if target is not Target.IMAGE and stored.get(F.CAPTION_PENDING):
+            raise InvalidInput(f"item {item_id!r} has no caption yet (caption pending): search its image instead")
+        if target is Target.KEYWORD:
+            text = str(stored.get(F.KEYWORD_TEXT) or "").strip()
+            if not text:
+                raise InvalidInput(f"item {item_id!r} has no caption or keywords for the keyword leg")
+            return text
+        return np.asarray(stored[F.IMAGE_VECTOR if target is Target.IMAGE else F.CAPTION_VECTOR], dtype=np.float32)
+
+    async def _example_legs(self, q: SearchQuery, legs: list[Leg], deadline: float | None) -> list[LegQuery]:
+        """The L2-normalised weighted sum of the examples' vectors, per dense leg."""
+        contents = [e.content for e in q.examples if e.content is not None]
+        embedded = iter(await self._embed(contents, deadline)) if contents else iter(())
+        ids = [e.id for e in q.examples if e.id]
+        stored = await self.store.stored_vectors(ids) if ids else {}
+        missing = [i for i in ids if i not in stored]
+        if missing:
+            raise InvalidInput(f"example ids not stored: {missing[:5]}")
+        per_example = [next(embedded) if e.content is not None else None for e in q.examples]
+        out = []
+        for leg in legs:
+            total = sum(
+                e.weight * (vec if vec is not None else self._stored_leg_data(e.id, stored[e.id], leg.target))
+                for e, vec in zip(q.examples, per_example, strict=True)
+            )
+            norm = float(np.linalg.norm(total))
+            if not math.isfinite(norm) or norm < 1e-6:
+                raise InvalidInput("the weighted examples cancel out (their sum is a zero vector)")
+            out.append(LegQuery(LEG_FIELDS[leg.target], np.asarray(total / norm, dtype=np.float32), leg.weight))
+        return out
+
+    async def _embed(self, contents: list[Content], deadline: float | None = None) -> np.ndarray:
+        """Embeds query contents in one call, checking the model that built the collection."""
+        fetched: list[Content] = []
+        for content in contents:
+            # Fetch URIs here (under our file-root / SSRF rules) and send bytes upstream.
+            if isinstance(content, ImageContent | ComposedContent) and content.image.uri:
+                data = await self.intake.read(content.image)
+                content = (
+                    ImageContent(ImageRef(data=data)) if isinstance(content, ImageContent)
+                    else ComposedContent(ImageRef(data=data), content.instruction, content.instruction_weight)
+                )
+            fetched.append(content)
         # The caller's deadline goes downstream (gRPC does not propagate it by itself).
         remaining = None if deadline is None else deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
             raise DeadlineExceeded("the Search call's deadline passed before the query was embedded")
-        vectors, model = await self.embedder.embed([content], timeout_s=remaining)
+        vectors, model = await self.embedder.embed(fetched, timeout_s=remaining)
         bound = self.bound_model_id()
         if bound and model != bound:
             raise FailedPrecondition(f"embedder now serves {model!r}, the collection was built by {bound!r}")
-        return vectors[0]
+        return vectors
+
+    # --- the calls -------------------------------------------------------------------------
 
     async def search(self, q: SearchQuery, time_remaining_s: float | None = None) -> SearchResult:
         # total_ms covers the whole call (validation, the wait for admission, hit building),
         # so total - embed - milvus is the service's own share (bench/search_overhead.py).
         entered = time.perf_counter()
-        top_k, names, expr = self._validate(q)
+        self._validate_page(q)
+        names, expr = self._validate(q)
         deadline = None if time_remaining_s is None else time.monotonic() + time_remaining_s
-        if q.content is not None:
+        if q.embeds:
             self.embedder_gate()  # fail fast, holding no admission slot
         async with self.limiter.admit():
             start = time.perf_counter()
-            vector = await self._query_vector(q, deadline)
+            opts = await self._options(q, names, expr)
+            legs = await self._leg_queries(q, deadline)
             embedded = time.perf_counter()
-            milvus_fields = [F.OUTPUT_FIELDS[n] for n in names
-                             if n != F.CAPTION_PENDING or self.store.pending_supported]
             if q.target is Target.HYBRID:
-                weights = (q.fusion.image_weight, q.fusion.caption_weight) if q.fusion.weighted else None
-                raw = await self.store.hybrid_search(
-                    vector, top_k, q.offset, expr, milvus_fields, q.fusion.rrf_k, weights
-                )
+                raw = await self.store.hybrid_search(legs, q.top_k, q.offset, opts, q.fusion.rrf_k, q.fusion.weighted)
             else:
-                anns = F.IMAGE_VECTOR if q.target is Target.IMAGE else F.CAPTION_VECTOR
-                raw = await self.store.search(vector, anns, top_k, q.offset, expr, milvus_fields)
+                raw = await self.store.search(legs[0], q.top_k, q.offset, opts)
             done = time.perf_counter()
         mode = mode_label(q)
         SEARCH_SECONDS.labels(mode).observe(done - start)
         SEARCH_STAGE_SECONDS.labels(mode, "embed").observe(embedded - start)
         SEARCH_STAGE_SECONDS.labels(mode, "milvus").observe(done - embedded)
-        hits = [self._hit(q.offset + i + 1, h, names) for i, h in enumerate(raw[:top_k])]
+        hits = [self._hit(q.offset + i + 1, h, names) for i, h in enumerate(raw[: q.top_k])]
         total_ms = (time.perf_counter() - entered) * 1000
         return SearchResult(hits, q.target, (embedded - start) * 1000, (done - embedded) * 1000, total_ms)
+
+    async def search_all(
+        self, q: SearchQuery, limit: int, batch_size: int, time_remaining_s: float | None = None
+    ) -> AsyncIterator[list[Hit]]:
+        """Every hit in rank order, in batches (Milvus' search iterator), past the window."""
+        if q.target is Target.HYBRID or q.group_by is not None or q.decay is not None:
+            raise InvalidInput("SearchAll streams one target (IMAGE, CAPTION or KEYWORD) without group_by or "
+                               "decay: those need the whole ranking at once")
+        if limit < 0:
+            raise InvalidInput(f"limit must be >= 0, got {limit}")
+        if not 1 <= batch_size <= MAX_EXPORT_BATCH:
+            raise InvalidInput(f"batch_size must be between 1 and {MAX_EXPORT_BATCH}, got {batch_size}")
+        names, expr = self._validate(q)
+        deadline = None if time_remaining_s is None else time.monotonic() + time_remaining_s
+        if q.embeds:
+            self.embedder_gate()
+        async with self.exports.admit():
+            async with self.limiter.admit():
+                opts = await self._options(q, names, expr)
+                legs = await self._leg_queries(q, deadline)
+            rank = 0
+            async for batch in self.store.iterate(legs[0], opts, batch_size, limit):
+                hits = [self._hit(rank + i + 1, h, names) for i, h in enumerate(batch)]
+                rank += len(hits)
+                yield hits
 
     @staticmethod
     def _hit(rank: int, raw: RawHit, names: list[str]) -> Hit:
         return Hit(rank, raw.id, raw.score, {n: raw.entity.get(F.OUTPUT_FIELDS[n]) for n in names})
+
+
+MAX_EXPORT_BATCH = 1000
 
 
 def metadata_json(value: Any) -> str:

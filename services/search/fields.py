@@ -22,3 +22,8 @@ MAX_KEYWORD_CHARS = 128
 # A BOOL field: the caption is deferred (the captioner failed); filterable
 # (`caption_pending == true`). Absent from collections made before deferred captions.
 CAPTION_PENDING = "caption_pending"
+# The keyword leg: caption + keywords as analysed text, and the BM25 sparse vector Milvus
+# computes from it (a BM25 function). Absent from collections made before the keyword leg.
+KEYWORD_TEXT = "keyword_text"
+KEYWORD_SPARSE = "keyword_sparse"
+MAX_KEYWORD_TEXT_CHARS = 8192

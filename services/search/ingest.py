@@ -107,6 +107,7 @@ class Embedder(Protocol):
 class Store(Protocol):
     async def fingerprints(self, ids: list[str]) -> dict[str, str]: ...
     async def upsert(self, rows: list[StoredRow]) -> None: ...
+    def indexed_values(self, metadata: dict[str, Any]) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -371,6 +372,7 @@ class _Run:
         if item.decode_error:
             raise InvalidInput(item.decode_error)
         metadata = parse_metadata(item.metadata_json, s.max_metadata_bytes, s.max_metadata_depth)
+        self.p.store.indexed_values(metadata)  # a wrong type in an indexed field fails this item alone
         if item.caption is not None and not item.caption.description.strip():
             raise InvalidInput("caption.description is empty")
         data = await self.p.intake.read(item.image)

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
-from pymilvus import AnnSearchRequest, DataType, MilvusClient, RRFRanker, WeightedRanker
+from pymilvus import AnnSearchRequest, DataType, Function, FunctionType, MilvusClient, RRFRanker, WeightedRanker
 from pymilvus.exceptions import MilvusException, MilvusUnavailableException
 
 from services.common.errors import FailedPrecondition, InvalidInput, Unavailable
@@ -29,6 +30,9 @@ T = TypeVar("T")
 
 PROP_MODEL = "mmsearch.embedder_model_id"
 PROP_DIM = "mmsearch.dimension"
+PROP_INDEXED = "mmsearch.indexed_fields"  # "name:type,..." (see SearchSettings.indexed_fields)
+_INDEXED_DTYPES = {"string": DataType.VARCHAR, "int": DataType.INT64, "float": DataType.DOUBLE, "bool": DataType.BOOL}
+MAX_INDEXED_STRING_CHARS = 512
 SCALAR_FIELDS = ["id", "content_sha256", "fingerprint", *(f for f in F.OUTPUT_FIELDS.values() if f != F.CAPTION_PENDING)]
 
 
@@ -41,6 +45,42 @@ class CollectionInfo:
     # Collections created before deferred captions have no `caption_pending` field (and
     # Milvus Lite cannot add one): their rows are all "not pending" and Ingest cannot defer.
     has_caption_pending: bool
+    # The keyword (BM25) leg; absent from collections created before it.
+    has_keyword: bool = False
+    # Typed metadata columns: name -> "string" | "int" | "float" | "bool".
+    indexed_fields: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LegQuery:
+    """One searched field and what it is searched with: a dense vector, or text for BM25."""
+
+    field: str  # F.IMAGE_VECTOR, F.CAPTION_VECTOR or F.KEYWORD_SPARSE
+    data: np.ndarray | str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class DecaySpec:
+    """A Milvus decay reranker over a numeric field (already resolved to the column)."""
+
+    function: str  # gauss | exp | linear
+    field: str
+    origin: float
+    scale: float
+    offset: float = 0.0
+    decay: float = 0.5
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """What every search shares besides its legs and page."""
+
+    filter: str = ""
+    output_fields: list[str] = field(default_factory=list)
+    min_score: float | None = None
+    group_by: tuple[str, int] | None = None
+    decay: DecaySpec | None = None
 
 
 @dataclass(frozen=True)
@@ -242,7 +282,8 @@ class MilvusStore:
         names = {f.get("name") for f in described.get("fields", [])}
         dim = props.get(PROP_DIM)
         return CollectionInfo(str(props.get(PROP_MODEL) or ""), int(dim) if str(dim or "").isdigit() else 0,
-                              F.CAPTION_PENDING in names)
+                              F.CAPTION_PENDING in names, F.KEYWORD_SPARSE in names,
+                              parse_indexed(str(props.get(PROP_INDEXED) or "")))
 
     async def describe(self) -> CollectionInfo | None:
         """The collection's model, dimension and fields; None while it does not exist."""
@@ -311,13 +352,26 @@ class MilvusStore:
             schema.add_field(F.CAPTION_PENDING, DataType.BOOL)
             schema.add_field(F.IMAGE_VECTOR, DataType.FLOAT_VECTOR, dim=dimension)
             schema.add_field(F.CAPTION_VECTOR, DataType.FLOAT_VECTOR, dim=dimension)
+            # The keyword leg: Milvus analyses the text and keeps BM25 statistics itself.
+            schema.add_field(F.KEYWORD_TEXT, DataType.VARCHAR, max_length=F.MAX_KEYWORD_TEXT_CHARS,
+                             enable_analyzer=True, analyzer_params=self.settings.keyword_analyzer)
+            schema.add_field(F.KEYWORD_SPARSE, DataType.SPARSE_FLOAT_VECTOR)
+            schema.add_function(Function(name="keyword_bm25", function_type=FunctionType.BM25,
+                                         input_field_names=[F.KEYWORD_TEXT], output_field_names=[F.KEYWORD_SPARSE]))
+            indexed = self.settings.indexed_fields
+            for name, kind in indexed.items():
+                extra = {"max_length": MAX_INDEXED_STRING_CHARS} if kind == "string" else {}
+                schema.add_field(name, _INDEXED_DTYPES[kind], nullable=True, **extra)
             index = c.prepare_index_params()
-            for field in (F.IMAGE_VECTOR, F.CAPTION_VECTOR):
-                index.add_index(field, index_type=self.settings.index_type, metric_type=self.settings.metric_type,
-                                params=self._index_request_params())
+            for vector_field in (F.IMAGE_VECTOR, F.CAPTION_VECTOR):
+                index.add_index(vector_field, index_type=self.settings.index_type,
+                                metric_type=self.settings.metric_type, params=self._index_request_params())
+            index.add_index(F.KEYWORD_SPARSE, index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
+            for name in indexed:
+                index.add_index(name, index_type="INVERTED")
             c.create_collection(
                 self.collection, schema=schema, index_params=index,
-                properties={PROP_MODEL: model_id, PROP_DIM: str(dimension)},
+                properties={PROP_MODEL: model_id, PROP_DIM: str(dimension), PROP_INDEXED: format_indexed(indexed)},
             )
 
         await self._call("ensure_collection", run)
@@ -359,8 +413,25 @@ class MilvusStore:
         rows = await self._call("get", lambda c: c.get(self.collection, ids=list(ids), output_fields=["fingerprint"]))
         return {r["id"]: r["fingerprint"] for r in rows}
 
+    def indexed_values(self, metadata: dict[str, Any]) -> dict[str, Any]:
+        """The typed columns of one item (null where a key is missing); InvalidInput names
+        the field whose value has the wrong type."""
+        fields = self.info.indexed_fields if self.info is not None else self.settings.indexed_fields
+        out: dict[str, Any] = {}
+        for name, kind in fields.items():
+            value = metadata.get(name)
+            if value is not None and not _fits(value, kind):
+                raise InvalidInput(f"metadata field {name!r} is indexed as {kind}, got {type(value).__name__} "
+                                   f"{str(value)[:40]!r}")
+            if kind == "string" and value is not None and len(value) > MAX_INDEXED_STRING_CHARS:
+                raise InvalidInput(f"metadata field {name!r} is longer than {MAX_INDEXED_STRING_CHARS} characters")
+            out[name] = float(value) if kind == "float" and value is not None else value
+        return out
+
     async def upsert(self, rows: Sequence[StoredRow]) -> None:
         await self.require()
+        info = self.info
+        assert info is not None
         pending = self.pending_supported
         if not pending and any(r.caption_pending for r in rows):
             raise FailedPrecondition(
@@ -373,6 +444,8 @@ class MilvusStore:
                 "ingested_at_ms": r.ingested_at_ms,
                 F.IMAGE_VECTOR: r.image_vector, F.CAPTION_VECTOR: r.caption_vector,
                 **({F.CAPTION_PENDING: r.caption_pending} if pending else {}),
+                **({F.KEYWORD_TEXT: keyword_text(r.caption, r.keywords)} if info.has_keyword else {}),
+                **self.indexed_values(r.metadata),
             }
             for r in rows
         ]
@@ -432,41 +505,147 @@ class MilvusStore:
         rows = await self._call("count", lambda c: c.query(self.collection, filter="", output_fields=["count(*)"]))
         return int(rows[0]["count(*)"])
 
-    async def search(
-        self, vector: np.ndarray, field: str, top_k: int, offset: int, filter_expr: str, output_fields: list[str]
-    ) -> list[RawHit]:
+    async def stored_vectors(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Stored vectors (and keyword text, pending mark) of items: "more like this" and
+        stored-id examples query with them."""
+        info = await self.require()
+        fields = [F.IMAGE_VECTOR, F.CAPTION_VECTOR, *([F.KEYWORD_TEXT] if info.has_keyword else []),
+                  *([F.CAPTION_PENDING] if info.has_caption_pending else [])]
+        rows = await self._call("get", lambda c: c.get(self.collection, ids=list(ids), output_fields=fields))
+        return {r["id"]: r for r in rows}
+
+    def _leg_filter(self, leg_field: str, filter_expr: str) -> str:
+        # Pending rows have no real caption (no caption vector, empty keyword text).
+        return filter_expr if leg_field == F.IMAGE_VECTOR else self.caption_filter(filter_expr)
+
+    def _leg_params(self, leg_field: str, window: int, min_score: float | None = None) -> dict[str, Any]:
+        if leg_field == F.KEYWORD_SPARSE:
+            return {"metric_type": "BM25", "params": {}}
+        params = self._search_params(window)
+        if min_score is not None:
+            # Range search: Milvus skips what is below the threshold (a post-filter still
+            # applies the exact, inclusive bound). L2 ranks by distance = -score.
+            if self.settings.metric_type == "L2":
+                if min_score < 0:
+                    params["params"] = {**params["params"], "radius": -min_score + 1e-6}
+            else:
+                params["params"] = {**params["params"], "radius": min_score - 1e-6}
+        return params
+
+    def _hits(self, result: Any, leg_field: str | None) -> list[RawHit]:
+        """Raw Milvus hits as similarities ("higher is better"); `leg_field` None: fused."""
+        def score(d: float) -> float:
+            return self._similarity(d) if leg_field in (F.IMAGE_VECTOR, F.CAPTION_VECTOR) else float(d)
+        return [RawHit(h["id"], score(h["distance"]), h.get("entity", {})) for h in result[0]]
+
+    @staticmethod
+    def _ranker(decay: DecaySpec) -> Function:
+        return Function(
+            name="decay", input_field_names=[decay.field], function_type=FunctionType.RERANK,
+            params={"reranker": "decay", "function": decay.function, "origin": decay.origin, "scale": decay.scale,
+                    "offset": decay.offset, "decay": decay.decay},
+        )
+
+    async def search(self, leg: LegQuery, top_k: int, offset: int, opts: SearchOptions) -> list[RawHit]:
+        """One leg: a dense field with a vector, or the keyword field with text."""
         await self.require()
-        if field == F.CAPTION_VECTOR:
-            filter_expr = self.caption_filter(filter_expr)
+        expr = self._leg_filter(leg.field, opts.filter)
+        # A decayed score is not the similarity: then the threshold is only a post-filter.
+        ranged = opts.min_score if opts.decay is None and opts.group_by is None else None
+        kwargs: dict[str, Any] = {}
+        if opts.group_by is not None:
+            kwargs.update(group_by_field=opts.group_by[0], group_size=opts.group_by[1])
+        if opts.decay is not None:
+            kwargs["ranker"] = self._ranker(opts.decay)
 
         def run(c: MilvusClient) -> Any:
             return c.search(
-                self.collection, data=[vector], anns_field=field, limit=top_k, offset=offset,
-                filter=filter_expr, output_fields=output_fields, search_params=self._search_params(offset + top_k),
+                self.collection, data=[leg.data], anns_field=leg.field, limit=top_k, offset=offset, filter=expr,
+                output_fields=opts.output_fields, search_params=self._leg_params(leg.field, offset + top_k, ranged),
+                **kwargs,
             )
 
-        result = await self._call("search", run, filter_expr)
-        return [RawHit(h["id"], self._similarity(h["distance"]), h.get("entity", {})) for h in result[0]]
+        hits = self._hits(await self._call("search", run, opts.filter), None if opts.decay else leg.field)
+        return _at_least(hits, opts.min_score)
 
     async def hybrid_search(
-        self, vector: np.ndarray, top_k: int, offset: int, filter_expr: str, output_fields: list[str],
-        rrf_k: int | None, weights: tuple[float, float] | None,
+        self, legs: Sequence[LegQuery], top_k: int, offset: int, opts: SearchOptions, rrf_k: int, weighted: bool,
     ) -> list[RawHit]:
-        """Searches both vector fields and fuses them in Milvus (RRF or weighted)."""
+        """Searches each leg and fuses them in Milvus (RRF, or weighted by each leg's weight)."""
         window = offset + top_k
         candidates = max(window, self.settings.hybrid_candidates)
         await self.require()
-        # Pending rows take part through their image vector only (no made-up caption leg).
-        exprs = {F.IMAGE_VECTOR: filter_expr, F.CAPTION_VECTOR: self.caption_filter(filter_expr)}
+        kwargs: dict[str, Any] = {}
+        if opts.group_by is not None:
+            kwargs.update(group_by_field=opts.group_by[0], group_size=opts.group_by[1])
 
         def run(c: MilvusClient) -> Any:
-            params = self._search_params(candidates)
-            reqs = [AnnSearchRequest([vector], field, params, limit=candidates, expr=exprs[field] or None)
-                    for field in (F.IMAGE_VECTOR, F.CAPTION_VECTOR)]
-            ranker = WeightedRanker(*weights) if weights else RRFRanker(rrf_k or 60)
-            return c.hybrid_search(self.collection, reqs, ranker, limit=window, output_fields=output_fields)
+            reqs = [AnnSearchRequest([leg.data], leg.field, self._leg_params(leg.field, candidates), limit=candidates,
+                                     expr=self._leg_filter(leg.field, opts.filter) or None) for leg in legs]
+            ranker = WeightedRanker(*(leg.weight for leg in legs)) if weighted else RRFRanker(rrf_k)
+            return c.hybrid_search(self.collection, reqs, ranker, limit=window, output_fields=opts.output_fields,
+                                   **kwargs)
 
-        result = await self._call("hybrid_search", run, filter_expr)
         # Fused scores are already "higher is better"; pagination is applied on the fused list.
-        return [RawHit(h["id"], float(h["distance"]), h.get("entity", {})) for h in result[0]][offset:]
+        hits = self._hits(await self._call("hybrid_search", run, opts.filter), None)[offset:]
+        return _at_least(hits, opts.min_score)
 
+    async def iterate(self, leg: LegQuery, opts: SearchOptions, batch_size: int, limit: int) -> AsyncIterator[
+            list[RawHit]]:
+        """Every hit of one leg in rank order, a batch at a time (Milvus' search iterator):
+        beyond the offset + top_k window. Stops at `limit` hits (0: all) or at the first
+        hit under `opts.min_score`."""
+        await self.require()
+        expr = self._leg_filter(leg.field, opts.filter)
+        it = await self._call("search_iterator", lambda c: c.search_iterator(
+            self.collection, data=[leg.data], anns_field=leg.field, batch_size=batch_size,
+            limit=limit if limit > 0 else -1, filter=expr, output_fields=opts.output_fields,
+            search_params=self._leg_params(leg.field, batch_size)), opts.filter)
+        sent = 0
+        try:
+            while True:
+                batch = await self._call("search_iterator", lambda c: it.next())
+                if not batch:
+                    return
+                hits = self._hits([batch], leg.field)
+                kept = _at_least(hits, opts.min_score)
+                if limit > 0:
+                    kept = kept[: limit - sent]
+                if kept:
+                    sent += len(kept)
+                    yield kept
+                if len(kept) < len(hits) or (limit > 0 and sent >= limit):
+                    return
+        finally:
+            await asyncio.get_running_loop().run_in_executor(self._pool, it.close)
+
+
+def _at_least(hits: list[RawHit], min_score: float | None) -> list[RawHit]:
+    """Hits come best first, so the threshold cuts a prefix off the list."""
+    return hits if min_score is None else [h for h in hits if h.score >= min_score]
+
+
+def keyword_text(caption: str, keywords: Sequence[str]) -> str:
+    """What the keyword leg indexes: the caption and its keywords."""
+    return " ".join([caption, *keywords])[: F.MAX_KEYWORD_TEXT_CHARS]
+
+
+def parse_indexed(text: str) -> dict[str, str]:
+    pairs = [p.split(":", 1) for p in text.split(",") if ":" in p]
+    return {name: kind for name, kind in pairs}
+
+
+def format_indexed(fields: dict[str, str]) -> str:
+    return ",".join(f"{name}:{kind}" for name, kind in fields.items())
+
+
+def _fits(value: Any, kind: str) -> bool:
+    if kind == "string":
+        return isinstance(value, str)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if isinstance(value, bool):  # JSON true is not a number here
+        return False
+    if kind == "int":
+        return isinstance(value, int) and -(2**63) <= value < 2**63
+    return isinstance(value, int | float) and math.isfinite(value)

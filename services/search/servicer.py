@@ -13,7 +13,18 @@ from services.common.convert import content_from_proto, image_ref_from_proto
 from services.common.errors import FailedPrecondition, InvalidInput, ServiceError
 from services.common.intake import ImageRef
 from services.search.backfill import Backfiller, BackfillStatus
-from services.search.engine import Fusion, Hit, SearchEngine, SearchQuery, Target, metadata_json
+from services.search.engine import (
+    Decay,
+    Example,
+    Fusion,
+    GroupBy,
+    Hit,
+    Leg,
+    SearchEngine,
+    SearchQuery,
+    Target,
+    metadata_json,
+)
 from services.search.ingest import CaptionInput, IngestItem, IngestPipeline, ItemStatus, Outcome, Progress
 from services.search.ingest_wire import BrokenItem
 from services.search.milvus_store import MilvusStore
@@ -24,9 +35,13 @@ _TARGETS = {
     search_pb2.TARGET_IMAGE: Target.IMAGE,
     search_pb2.TARGET_CAPTION: Target.CAPTION,
     search_pb2.TARGET_HYBRID: Target.HYBRID,
+    search_pb2.TARGET_KEYWORD: Target.KEYWORD,
 }
 _TARGETS_OUT = {Target.IMAGE: search_pb2.TARGET_IMAGE, Target.CAPTION: search_pb2.TARGET_CAPTION,
-                Target.HYBRID: search_pb2.TARGET_HYBRID}
+                Target.HYBRID: search_pb2.TARGET_HYBRID, Target.KEYWORD: search_pb2.TARGET_KEYWORD}
+_DECAY_FUNCTIONS = {search_pb2.DECAY_FUNCTION_UNSPECIFIED: "gauss", search_pb2.DECAY_FUNCTION_GAUSS: "gauss",
+                    search_pb2.DECAY_FUNCTION_EXP: "exp", search_pb2.DECAY_FUNCTION_LINEAR: "linear"}
+DEFAULT_EXPORT_BATCH = 256
 _STATUS = {ItemStatus.STORED: search_pb2.ITEM_STATUS_STORED, ItemStatus.UNCHANGED: search_pb2.ITEM_STATUS_UNCHANGED,
            ItemStatus.FAILED: search_pb2.ITEM_STATUS_FAILED, ItemStatus.DUPLICATE: search_pb2.ITEM_STATUS_DUPLICATE,
            ItemStatus.DEFERRED: search_pb2.ITEM_STATUS_DEFERRED}
@@ -45,8 +60,6 @@ def _timestamp(ms: Any) -> Timestamp | None:
 
 
 def _query(request: search_pb2.SearchRequest) -> SearchQuery:
-    if request.target not in _TARGETS:
-        raise InvalidInput(f"unknown target {request.target}")
     f = request.fusion
     if f.method not in (search_pb2.FUSION_METHOD_UNSPECIFIED, search_pb2.FUSION_METHOD_RRF,
                         search_pb2.FUSION_METHOD_WEIGHTED):
@@ -56,13 +69,41 @@ def _query(request: search_pb2.SearchRequest) -> SearchQuery:
     return SearchQuery(
         content=content_from_proto(request.query) if request.HasField("query") else None,
         vector=list(request.query_vector.values) if request.HasField("query_vector") else None,
-        target=_TARGETS[request.target],
+        target=_target(request.target),
         fusion=Fusion(weighted, f.rrf_k or 60, image_w, caption_w),
         top_k=request.top_k,
         offset=request.offset,
         filter=request.filter,
         output_fields=tuple(request.output_fields),
+        legs=tuple(Leg(_target(leg.target), leg.weight) for leg in request.legs),
+        like_id=request.like_id,
+        examples=tuple(_example(i, e) for i, e in enumerate(request.examples)),
+        min_score=request.min_score if request.HasField("min_score") else None,
+        group_by=GroupBy(request.group_by.field, request.group_by.size or 1) if request.HasField("group_by") else None,
+        decay=_decay(request.decay) if request.HasField("decay") else None,
     )
+
+
+def _target(value: int) -> Target:
+    if value not in _TARGETS:
+        raise InvalidInput(f"unknown target {value}")
+    return _TARGETS[value]
+
+
+def _example(index: int, e: search_pb2.Example) -> Example:
+    kind = e.WhichOneof("example")
+    if kind is None:
+        raise InvalidInput(f"examples[{index}] needs exactly one of content and id")
+    return Example(e.weight, content_from_proto(e.content) if kind == "content" else None,
+                   e.id if kind == "id" else "")
+
+
+def _decay(d: search_pb2.Decay) -> Decay:
+    if d.function not in _DECAY_FUNCTIONS:
+        raise InvalidInput(f"unknown decay function {d.function}")
+    if not d.field:
+        raise InvalidInput("decay.field is empty: use 'ingested_at' or an indexed numeric field")
+    return Decay(d.field, d.scale, _DECAY_FUNCTIONS[d.function], d.origin, d.offset, d.decay or 0.5)
 
 
 def _hit(hit: Hit) -> search_pb2.Hit:
@@ -125,6 +166,17 @@ class SearchServicer(search_pb2_grpc.SearchServicer):
             timings=search_pb2.SearchTimings(embed_ms=result.embed_ms, milvus_ms=result.milvus_ms, total_ms=result.total_ms),
         )
 
+    async def SearchAll(
+        self, request: search_pb2.SearchAllRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[search_pb2.SearchAllResponse]:
+        query = _query(request.search)
+        sent = 0
+        async for hits in self.engine.search_all(
+            query, request.limit, request.batch_size or DEFAULT_EXPORT_BATCH, context.time_remaining()
+        ):
+            sent += len(hits)
+            yield search_pb2.SearchAllResponse(hits=[_hit(h) for h in hits], sent=sent)
+
     async def Ingest(
         self, request_iterator: AsyncIterator[search_pb2.IngestRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[search_pb2.IngestResponse]:
@@ -167,6 +219,8 @@ class SearchServicer(search_pb2_grpc.SearchServicer):
             captioner_model_id=extra["captioner_model_id"], index_type=await self.store.index_type(),
             metric_type=self.store.settings.metric_type, milvus_mode=self.store.mode,
             caption_pending_count=await self.store.count_pending(),
+            keyword_index=bool(self.store.info and self.store.info.has_keyword),
+            indexed_fields=[f"{n}:{k}" for n, k in (self.store.info.indexed_fields if self.store.info else {}).items()],
         )
 
 

@@ -1,13 +1,22 @@
 """Search service settings (environment prefix SEARCH_)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from services.common.settings import ClientTlsSettings, ServerSettings
+
+# Types an indexed metadata field may have, and the collection's own field names.
+INDEXED_TYPES = {"string", "int", "float", "bool"}
+RESERVED_FIELDS = {
+    "id", "content_sha256", "fingerprint", "uri", "caption", "keywords", "metadata", "embedder_model_id",
+    "captioner_model_id", "ingested_at_ms", "ingested_at", "caption_pending", "image_vector", "caption_vector",
+    "keyword_text", "keyword_sparse",
+}
 
 
 class SearchSettings(ServerSettings):
@@ -86,6 +95,33 @@ class SearchSettings(ServerSettings):
     hybrid_candidates: int = 256
     max_concurrent_searches: int = 64
     max_waiting_searches: int = 256
+    # Examples per multi-example query.
+    max_examples: int = 8
+    # SearchAll streams at once (each holds a Milvus search iterator); more are refused.
+    max_concurrent_exports: int = 4
+    # The keyword (BM25) leg's analyzer, as Milvus takes it (JSON in the environment).
+    # Chinese captions: {"tokenizer": "jieba"} on embedded Milvus Lite (needs the `jieba`
+    # package), {"type": "chinese"} on a Milvus server. Read when a collection is created.
+    keyword_analyzer: dict[str, Any] = Field(default_factory=lambda: {"type": "standard"})
+    # Metadata keys copied into typed, indexed columns of new collections, as
+    # "name:type,..." (types: string, int, float, bool): usable in filters
+    # (`label in ["cat", "dog"]`), grouping and decay. Read when a collection is created;
+    # an existing collection keeps the fields it was created with.
+    indexed_fields: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+
+    @field_validator("indexed_fields", mode="before")
+    @classmethod
+    def _parse_indexed_fields(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            pairs = [p.strip() for p in value.split(",") if p.strip()]
+            value = dict(p.split(":", 1) if ":" in p else (p, "") for p in pairs)
+        for name, kind in dict(value).items():
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,63}", name) or name in RESERVED_FIELDS:
+                raise ValueError(f"indexed field name {name!r} is invalid or reserved (a letter, then letters, "
+                                 f"digits, _; not one of {sorted(RESERVED_FIELDS)})")
+            if kind not in INDEXED_TYPES:
+                raise ValueError(f"indexed field {name!r} has type {kind!r}; use one of {sorted(INDEXED_TYPES)}")
+        return value
 
     @model_validator(mode="after")
     def _milvus_tls_complete(self) -> SearchSettings:
