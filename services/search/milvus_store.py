@@ -349,7 +349,8 @@ class MilvusStore:
             schema.add_field("embedder_model_id", DataType.VARCHAR, max_length=256)
             schema.add_field("captioner_model_id", DataType.VARCHAR, max_length=256)
             schema.add_field("ingested_at_ms", DataType.INT64)
-            schema.add_field(F.CAPTION_PENDING, DataType.BOOL)
+            # Default false: rows written without it (older writers, bulk loads) are "captioned".
+            schema.add_field(F.CAPTION_PENDING, DataType.BOOL, default_value=False)
             schema.add_field(F.IMAGE_VECTOR, DataType.FLOAT_VECTOR, dim=dimension)
             schema.add_field(F.CAPTION_VECTOR, DataType.FLOAT_VECTOR, dim=dimension)
             # The keyword leg: Milvus analyses the text and keeps BM25 statistics itself.
