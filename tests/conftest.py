@@ -91,6 +91,8 @@ def milvus_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-
 # --- the real suite as processes, shared by the client and CLI tests --------------------------
 
 SUITE_TOKEN = "tok-shared-suite-7f3a91"
+# Indexed metadata fields of the shared suite's collection (typed columns: group_by, decay).
+SUITE_INDEXED_FIELDS = "label:string,price:float"
 
 
 class RealSuite:
@@ -103,7 +105,10 @@ class RealSuite:
         self.data_dir = data_dir
         self.token = SUITE_TOKEN
         self._suite = LocalSuite(SuiteConfig(data_dir=data_dir, ports="auto", metrics=True,
-                                             env={"SEARCH_AUTH_TOKENS": SUITE_TOKEN}, start_timeout_s=540))
+                                             env={"SEARCH_AUTH_TOKENS": SUITE_TOKEN,
+                                                  # grouping / numeric decay tests (tests/client, tests/cli)
+                                                  "SEARCH_INDEXED_FIELDS": SUITE_INDEXED_FIELDS},
+                                             start_timeout_s=540))
 
     @property
     def address(self) -> str:
