@@ -307,3 +307,23 @@ def test_health_endpoints(suite: GatewaySuite) -> None:
         page = anonymous.get("/")
         assert page.status_code == 200 and "<title>mmsearch</title>" in page.text
         assert anonymous.get("/static/app.js").status_code == 200
+
+
+def test_search_all_streams_every_hit_in_rank_order(http: httpx.Client) -> None:
+    reply = http.post("/v1/search-all", json={"search": {"query": {"text": "a cat"}}, "batchSize": 5})
+    assert reply.status_code == 200, reply.text
+    lines = ndjson(reply)
+    assert all("result" in line for line in lines), lines[-1]
+    hits = [h for line in lines for h in line["result"]["hits"]]
+    assert hits[0]["id"] == "cat"
+    assert [h["rank"] for h in hits] == list(range(1, len(hits) + 1))
+    assert int(lines[-1]["result"]["sent"]) == len(hits) >= 10
+    assert len(lines) == -(-len(hits) // 5)  # batches of 5
+
+
+def test_more_like_this_over_http(http: httpx.Client) -> None:
+    reply = http.post("/v1/search", json={"likeId": "cat", "topK": 3})
+    assert reply.status_code == 200, reply.text
+    assert "cat" not in [h["id"] for h in reply.json()["hits"]] and len(reply.json()["hits"]) == 3
+    missing = http.post("/v1/search", json={"likeId": "gw-no-such-item", "topK": 3})
+    assert missing.status_code == 400 and missing.json()["message"]

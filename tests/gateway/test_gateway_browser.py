@@ -204,3 +204,15 @@ def test_the_page_works_without_a_token_field_when_search_has_auth(browser: webd
     assert error.startswith("401 UNAUTHENTICATED: ")
     with httpx.Client(base_url=gateway_suite.base_url) as http:
         assert error.endswith(http.post("/v1/search", json={"query": {"text": "a cat"}}).json()["message"])
+
+
+def test_more_like_this_on_a_hit(page: webdriver.Chrome) -> None:
+    page.find_element(By.ID, "q").send_keys("a cat", Keys.ENTER)
+    first = wait_for_results(page)
+    assert first[0] == "cat"
+    page.find_elements(By.CSS_SELECTOR, "#results .hit")[0].find_element(By.CLASS_NAME, "more").click()
+    similar = wait_for_results(page, previous=first)
+    assert "cat" not in similar  # the example itself is never among the hits
+    assert page.find_element(By.ID, "like-id").text == "cat" and page.find_element(By.ID, "like").is_displayed()
+    assert page.find_element(By.ID, "q").get_attribute("value") == ""
+    screenshot(page, "more-like-cat")
