@@ -102,3 +102,16 @@ def test_the_check_catches_the_old_gap() -> None:
     assert rollout_floor(old, 1)[0] == 0
     assert drain_floor((pdb,), old, 1)[0] == 0
     assert rollout_floor({"spec": {}}, 4) == (3, 1, 1)  # Kubernetes' 25% defaults
+
+
+@pytest.mark.parametrize("overlay_name", OVERLAYS)
+def test_search_readiness_asks_the_search_capability(overlay_name: str) -> None:
+    """Readiness follows "can answer searches" (Milvus), not every upstream: a dead embedder
+    or captioner must not take every search pod out of its Service."""
+    search = next(d for d in of_kind(overlay(overlay_name), "Deployment") if d["metadata"]["name"] == "search")
+    probe = search["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
+    if "grpc" in probe:
+        assert probe["grpc"].get("service") == "search"
+    else:
+        command = probe["exec"]["command"]
+        assert command[command.index("--service") + 1] == "search"
