@@ -417,8 +417,8 @@ def _check_search_options(query: QuerySpec, *, mode_given: bool, all_hits: bool,
         raise _fail(f"--image {query.image}: no such file", 2)
     if query.legs is not None and mode_given and query.target is not Target.HYBRID:
         raise _fail(f"--legs fuses several legs: it goes with --mode hybrid, not --mode {query.target.value}", 2)
-    if query.target is Target.KEYWORD and (query.text is None or query.image or query.like or query.examples):
-        raise _fail("--mode keyword matches words: it takes --text only", 2)
+    if query.target is Target.KEYWORD and (query.image is not None or query.examples):
+        raise _fail("--mode keyword matches words: it takes --text (or --like ID), not images or examples", 2)
     if query.group_size and not query.group_by:
         raise _fail("--group-size needs --group-by FIELD", 2)
     if query.group_by and query.offset:
