@@ -200,3 +200,46 @@ def test_an_alert_fires_seven_days_before_a_loaded_certificate_expires() -> None
     assert now + 6 * 86400 - now < seconds, "fires for a certificate 6 days from expiry"
     assert not now + 8 * 86400 - now < seconds, "quiet at 8 days"
     assert soon["labels"]["severity"] == "warning" and rules["MmsearchCertificateExpired"]["labels"]["severity"]
+
+
+async def test_the_search_service_reloads_its_upstream_files_by_itself(tmp_path: Path) -> None:
+    """Wired into the running service: search notices renewed upstream files within about a
+    second (its health loop) and keeps reaching its (also renewed) mTLS captioner."""
+    from services.search.app import SearchService
+
+    old, new = make_pki(tmp_path / "old"), make_pki(tmp_path / "new", days=30)
+    server_dir, client_dir = tmp_path / "server-secret", tmp_path / "client-secret"
+    mount(server_dir, "..v1", mounted(old))
+    mount(client_dir, "..v1", mounted(old, "client"))
+    upstream_settings = RuntimeTestSettings(host="127.0.0.1", grpc_port=0, metrics_port=-1, tls=TlsSettings(
+        cert_file=server_dir / "tls.crt", key_file=server_dir / "tls.key", client_ca_file=server_dir / "ca.crt"))
+    upstream = await start_server(upstream_settings, make_app(upstream_settings))
+    settings = SearchSettings(
+        host="127.0.0.1", grpc_port=0, metrics_port=-1, milvus_uri=str(tmp_path / "milvus.db"),
+        embedder_target="127.0.0.1:1", captioner_target=f"127.0.0.1:{upstream.port}", embedder_start_wait_s=0,
+        upstream_tls=ClientTlsSettings(enabled=True, ca_file=client_dir / "ca.crt", cert_file=client_dir / "tls.crt",
+                                       key_file=client_dir / "tls.key", server_name_override="localhost"))
+    service = SearchService(settings)
+    search = await start_server(settings, service.app())
+    labels = {"role": "client", "file": str(client_dir / "tls.crt")}
+
+    async def until(predicate: object, within_s: float) -> float:
+        start = asyncio.get_running_loop().time()
+        while not predicate():  # type: ignore[operator]
+            assert asyncio.get_running_loop().time() - start < within_s
+            await asyncio.sleep(0.05)
+        return asyncio.get_running_loop().time() - start
+
+    try:
+        await until(lambda: service.captioner_health is True, 5)
+        mount(server_dir, "..v2", mounted(new))
+        mount(client_dir, "..v2", mounted(new, "client"))
+        took = await until(lambda: REGISTRY.get_sample_value(GAUGE, labels) == not_after(new.client.cert), 5)
+        print(f"search reloaded its upstream TLS files {took:.2f} s after they changed")
+        # Its probes now run over the new channel, through a handshake with the new files.
+        await asyncio.sleep(1.5)
+        assert service.captioner._rc.generation == 1
+        assert service.captioner_health is True
+    finally:
+        await search.stop(0)
+        await upstream.stop(0)
