@@ -34,8 +34,14 @@ class SearchStub:
     dimension or with NaN / infinity.
     - UNAUTHENTICATED: a missing or wrong bearer token (when auth is enabled).
     - RESOURCE_EXHAUSTED: too many concurrent calls; retry with backoff.
-    - UNAVAILABLE: Milvus, the embedder or the captioner is unreachable (health says
-    NOT_SERVING meanwhile); safe to retry.
+    - UNAVAILABLE: a dependency the call needs is unreachable; safe to retry. Each call
+    needs only what it uses: query_vector searches, Get, Delete and Stats need Milvus
+    only; text / image / composed searches also the embedder (without it they fail at
+    once, naming it); Ingest the embedder, and the captioner unless captions are given
+    or deferred. grpc.health.v1 says which: "" / "search" (Milvus), "search.text",
+    "ingest", "ingest.caption", "full" (docs/operations.md).
+    - FAILED_PRECONDITION: the embedder serves another model than the one that built the
+    collection (the message says how to migrate).
     - DEADLINE_EXCEEDED: the caller's deadline passed.
     Per-item ingest problems are not call errors: they are reported as FAILED outcomes.
     """
@@ -92,8 +98,14 @@ class SearchServicer:
     dimension or with NaN / infinity.
     - UNAUTHENTICATED: a missing or wrong bearer token (when auth is enabled).
     - RESOURCE_EXHAUSTED: too many concurrent calls; retry with backoff.
-    - UNAVAILABLE: Milvus, the embedder or the captioner is unreachable (health says
-    NOT_SERVING meanwhile); safe to retry.
+    - UNAVAILABLE: a dependency the call needs is unreachable; safe to retry. Each call
+    needs only what it uses: query_vector searches, Get, Delete and Stats need Milvus
+    only; text / image / composed searches also the embedder (without it they fail at
+    once, naming it); Ingest the embedder, and the captioner unless captions are given
+    or deferred. grpc.health.v1 says which: "" / "search" (Milvus), "search.text",
+    "ingest", "ingest.caption", "full" (docs/operations.md).
+    - FAILED_PRECONDITION: the embedder serves another model than the one that built the
+    collection (the message says how to migrate).
     - DEADLINE_EXCEEDED: the caller's deadline passed.
     Per-item ingest problems are not call errors: they are reported as FAILED outcomes.
     """
@@ -214,8 +226,14 @@ class Search:
     dimension or with NaN / infinity.
     - UNAUTHENTICATED: a missing or wrong bearer token (when auth is enabled).
     - RESOURCE_EXHAUSTED: too many concurrent calls; retry with backoff.
-    - UNAVAILABLE: Milvus, the embedder or the captioner is unreachable (health says
-    NOT_SERVING meanwhile); safe to retry.
+    - UNAVAILABLE: a dependency the call needs is unreachable; safe to retry. Each call
+    needs only what it uses: query_vector searches, Get, Delete and Stats need Milvus
+    only; text / image / composed searches also the embedder (without it they fail at
+    once, naming it); Ingest the embedder, and the captioner unless captions are given
+    or deferred. grpc.health.v1 says which: "" / "search" (Milvus), "search.text",
+    "ingest", "ingest.caption", "full" (docs/operations.md).
+    - FAILED_PRECONDITION: the embedder serves another model than the one that built the
+    collection (the message says how to migrate).
     - DEADLINE_EXCEEDED: the caller's deadline passed.
     Per-item ingest problems are not call errors: they are reported as FAILED outcomes.
     """

@@ -37,8 +37,14 @@ class SearchStub:
       dimension or with NaN / infinity.
     - UNAUTHENTICATED: a missing or wrong bearer token (when auth is enabled).
     - RESOURCE_EXHAUSTED: too many concurrent calls; retry with backoff.
-    - UNAVAILABLE: Milvus, the embedder or the captioner is unreachable (health says
-      NOT_SERVING meanwhile); safe to retry.
+    - UNAVAILABLE: a dependency the call needs is unreachable; safe to retry. Each call
+      needs only what it uses: query_vector searches, Get, Delete and Stats need Milvus
+      only; text / image / composed searches also the embedder (without it they fail at
+      once, naming it); Ingest the embedder, and the captioner unless captions are given
+      or deferred. grpc.health.v1 says which: "" / "search" (Milvus), "search.text",
+      "ingest", "ingest.caption", "full" (docs/operations.md).
+    - FAILED_PRECONDITION: the embedder serves another model than the one that built the
+      collection (the message says how to migrate).
     - DEADLINE_EXCEEDED: the caller's deadline passed.
     Per-item ingest problems are not call errors: they are reported as FAILED outcomes.
     """
@@ -87,8 +93,14 @@ class SearchAsyncStub(SearchStub):
       dimension or with NaN / infinity.
     - UNAUTHENTICATED: a missing or wrong bearer token (when auth is enabled).
     - RESOURCE_EXHAUSTED: too many concurrent calls; retry with backoff.
-    - UNAVAILABLE: Milvus, the embedder or the captioner is unreachable (health says
-      NOT_SERVING meanwhile); safe to retry.
+    - UNAVAILABLE: a dependency the call needs is unreachable; safe to retry. Each call
+      needs only what it uses: query_vector searches, Get, Delete and Stats need Milvus
+      only; text / image / composed searches also the embedder (without it they fail at
+      once, naming it); Ingest the embedder, and the captioner unless captions are given
+      or deferred. grpc.health.v1 says which: "" / "search" (Milvus), "search.text",
+      "ingest", "ingest.caption", "full" (docs/operations.md).
+    - FAILED_PRECONDITION: the embedder serves another model than the one that built the
+      collection (the message says how to migrate).
     - DEADLINE_EXCEEDED: the caller's deadline passed.
     Per-item ingest problems are not call errors: they are reported as FAILED outcomes.
     """
@@ -133,8 +145,14 @@ class SearchServicer(metaclass=_abc_1.ABCMeta):
       dimension or with NaN / infinity.
     - UNAUTHENTICATED: a missing or wrong bearer token (when auth is enabled).
     - RESOURCE_EXHAUSTED: too many concurrent calls; retry with backoff.
-    - UNAVAILABLE: Milvus, the embedder or the captioner is unreachable (health says
-      NOT_SERVING meanwhile); safe to retry.
+    - UNAVAILABLE: a dependency the call needs is unreachable; safe to retry. Each call
+      needs only what it uses: query_vector searches, Get, Delete and Stats need Milvus
+      only; text / image / composed searches also the embedder (without it they fail at
+      once, naming it); Ingest the embedder, and the captioner unless captions are given
+      or deferred. grpc.health.v1 says which: "" / "search" (Milvus), "search.text",
+      "ingest", "ingest.caption", "full" (docs/operations.md).
+    - FAILED_PRECONDITION: the embedder serves another model than the one that built the
+      collection (the message says how to migrate).
     - DEADLINE_EXCEEDED: the caller's deadline passed.
     Per-item ingest problems are not call errors: they are reported as FAILED outcomes.
     """
