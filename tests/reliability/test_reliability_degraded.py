@@ -118,7 +118,8 @@ async def test_embedder_killed_milvus_calls_serve_text_search_fails_fast_then_re
         embedder.start(), captioner.start()
         await embedder.wait_serving(120), await captioner.wait_serving(120)
         search = await start_search(milvus_server.uri, embedder.address, captioner.address,
-                                    collection="degraded_embedder", upstream_attempts=2)
+                                    collection="degraded_embedder", upstream_attempts=2,
+                                    max_concurrent_searches=2, max_waiting_searches=0)
         async with grpc.aio.insecure_channel(search.address) as channel:
             stub = search_pb2_grpc.SearchStub(channel)
             run = await ingest_all(stub, items_of(distinct_images(8, seed=141)))
@@ -141,6 +142,14 @@ async def test_embedder_killed_milvus_calls_serve_text_search_fails_fast_then_re
                 slowest = max(slowest, took)
             print(f"text search without the embedder: UNAVAILABLE after at most {slowest * 1000:.0f} ms")
             assert slowest < 1.0
+            # Failing text searches hold no admission slot: with 2 slots and no waiting room,
+            # 2 vector searches among 40 failing text searches still get theirs.
+            calls = [stub.Search(text(f"q{i}"), timeout=10) for i in range(40)]
+            calls += [stub.Search(vector_query(seed=i), timeout=10) for i in range(2)]
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            assert all(isinstance(r, grpc.aio.AioRpcError) and r.code() == grpc.StatusCode.UNAVAILABLE
+                       for r in results[:40])
+            assert all(isinstance(r, search_pb2.SearchResponse) and len(r.hits) == 3 for r in results[40:]), results[40:]
 
             embedder.start()  # same port
             await embedder.wait_serving(120)
