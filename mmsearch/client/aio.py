@@ -13,6 +13,7 @@ from mmsearch.client import _convert
 from mmsearch.client._base import DEFAULT, ClientBase
 from mmsearch.client._channel import ConnectionConfig, MiB
 from mmsearch.client.types import (
+    BackfillUpdate,
     Fusion,
     FusionMethod,
     GetResult,
@@ -182,6 +183,20 @@ class AsyncSearchClient(ClientBase):
         response = await self._call(
             "Delete", self._stub.Delete, search_pb2.DeleteRequest(ids=_convert.id_list(ids)), timeout)
         return int(response.deleted_count)
+
+    async def backfill(
+        self, *, max_items: int = 0, max_items_per_s: float = 0.0, timeout: float | None = None
+    ) -> AsyncIterator[BackfillUpdate]:
+        """See `SearchClient.backfill`."""
+        request = search_pb2.BackfillRequest(max_items=max_items, max_items_per_s=max_items_per_s)
+        call = self._stub.Backfill(request, timeout=timeout, metadata=self.config.call_metadata())
+        try:
+            async for response in call:
+                yield _convert.backfill_update_from_proto(response)
+        except grpc.RpcError as e:
+            raise _convert.rpc_error(e, "Backfill") from e
+        finally:
+            call.cancel()
 
     async def stats(self, *, timeout: float | None = DEFAULT) -> Stats:
         response = await self._call("Stats", self._stub.Stats, search_pb2.StatsRequest(), timeout)

@@ -29,6 +29,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mmsearch.cli.main import app
+from mmsearch.client import AsyncSearchClient
 from mmsearch.common.v1 import types_pb2
 from mmsearch.search.v1 import search_pb2, search_pb2_grpc
 from tests.captioner.fakes import FakeUpstream
@@ -299,8 +300,9 @@ async def test_captioner_killed_search_serves_ingest_defers_then_backfill_captio
             rest = {o["id"] for o in report["outcomes"]}
             assert len(rest) == 6 and not rest & set(part)
             assert cap_fake.calls - calls_before == 10, "every pending item captioned exactly once"
-            again, progress = await backfill(stub)
-            assert progress.total == 0 and not again, "idempotent: nothing left"
+            async with AsyncSearchClient(search.address) as client:  # the asyncio client's backfill
+                updates = [u async for u in client.backfill()]
+            assert updates[-1].progress.total == 0 and not any(u.outcomes for u in updates), "nothing left"
             cli = await asyncio.to_thread(runner.invoke, app, ["--address", search.address, "backfill"])
             assert cli.exit_code == 0 and "0 captioned" in cli.stdout and "of 0 pending items" in cli.stdout
             stats = await stub.Stats(search_pb2.StatsRequest(), timeout=10)
