@@ -18,10 +18,12 @@ REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
 OVERLAYS = ("dev", "production-gpu")
 SERVICES = ("search", "embedder", "captioner")
+# Every Deployment: the gRPC services and the HTTP gateway (tests/deploy/test_deploy_gateway.py).
+WORKLOADS = (*SERVICES, "gateway")
 # The services' conventions (services/*/settings.py defaults).
 GRPC_PORTS = {"search": 50050, "embedder": 50051, "captioner": 50052}
-METRICS_PORTS = {"search": 9100, "embedder": 9101, "captioner": 9102}
-ENV_PREFIX = {"search": "SEARCH_", "embedder": "EMBEDDER_", "captioner": "CAPTIONER_"}
+METRICS_PORTS = {"search": 9100, "embedder": 9101, "captioner": 9102, "gateway": 9103}
+ENV_PREFIX = {"search": "SEARCH_", "embedder": "EMBEDDER_", "captioner": "CAPTIONER_", "gateway": "GATEWAY_"}
 NAMESPACE = "mmsearch"
 
 Obj = dict[str, Any]

@@ -14,6 +14,7 @@ from k8s_helpers import (
     METRICS_PORTS,
     OVERLAYS,
     SERVICES,
+    WORKLOADS,
     configmap_for,
     container,
     container_env,
@@ -40,8 +41,8 @@ def overlay_name(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-def test_three_services_deployed(overlay_name: str) -> None:
-    assert sorted(w["metadata"]["name"] for w in workloads(overlay_name)) == sorted(SERVICES)
+def test_every_service_deployed(overlay_name: str) -> None:
+    assert sorted(w["metadata"]["name"] for w in workloads(overlay_name)) == sorted(WORKLOADS)
 
 
 def test_every_container_has_probes_resources_and_limits(overlay_name: str) -> None:
@@ -123,6 +124,8 @@ def test_ports_match_the_services_settings(overlay_name: str) -> None:
     objs = overlay(overlay_name)
     for w in workloads(overlay_name):
         name = w["metadata"]["name"]
+        if name not in GRPC_PORTS:
+            continue  # the HTTP gateway: test_deploy_gateway.py
         env, c = configmap_for(objs, w), container(w)
         grpc, metrics = GRPC_PORTS[name], METRICS_PORTS[name]
         assert int(env[f"{ENV_PREFIX[name]}GRPC_PORT"]) == grpc
@@ -215,8 +218,9 @@ def test_dev_overlay_is_small_and_offline() -> None:
         c = container(w)
         assert "nvidia.com/gpu" not in c["resources"].get("limits", {})
         assert c["image"].endswith(":0.1.0-cpu")
-        # Plaintext: the kubelet's native grpc probe works.
-        assert "grpc" in c["readinessProbe"] and "grpc" in c["startupProbe"]
+        # Plaintext: the kubelet's native grpc probe works (the gateway's are HTTP).
+        kind = "grpc" if w["metadata"]["name"] in GRPC_PORTS else "httpGet"
+        assert kind in c["readinessProbe"] and kind in c["startupProbe"]
     assert configmap_for(objs, one(objs, "Deployment", "embedder"))["EMBEDDER_BACKEND"] == "lite"
     assert configmap_for(objs, one(objs, "Deployment", "captioner"))["CAPTIONER_BACKEND"] == "lite"
     uri = configmap_for(objs, one(objs, "Deployment", "search"))["SEARCH_MILVUS_URI"]

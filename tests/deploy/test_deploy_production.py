@@ -50,10 +50,10 @@ def test_no_gpu_utilisation_trigger() -> None:
         assert "DCGM" not in t["metadata"].get("query", "") and t["type"] not in ("cpu", "memory")
 
 
-def test_cpu_hpas_for_search_and_captioner() -> None:
+def test_cpu_hpas_for_search_captioner_and_gateway() -> None:
     objs = overlay(PROD)
     hpas = {h["spec"]["scaleTargetRef"]["name"]: h for h in of_kind(objs, "HorizontalPodAutoscaler")}
-    assert set(hpas) == {"search", "captioner"}
+    assert set(hpas) == {"search", "captioner", "gateway"}
     for name, h in hpas.items():
         one(objs, "Deployment", name)
         assert h["apiVersion"] == "autoscaling/v2"

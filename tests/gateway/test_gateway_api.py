@@ -42,10 +42,9 @@ def outcomes(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def grpc_error(suite: GatewaySuite, request: search_pb2.SearchRequest) -> grpc.RpcError:
     """The same request over gRPC, for the parity checks."""
-    with grpc.insecure_channel(suite.search_address) as channel:
-        with pytest.raises(grpc.RpcError) as info:
-            search_pb2_grpc.SearchStub(channel).Search(
-                request, metadata=(("authorization", f"Bearer {suite.token}"),), timeout=60)
+    with grpc.insecure_channel(suite.search_address) as channel, pytest.raises(grpc.RpcError) as info:
+        search_pb2_grpc.SearchStub(channel).Search(
+            request, metadata=(("authorization", f"Bearer {suite.token}"),), timeout=60)
     return info.value
 
 
