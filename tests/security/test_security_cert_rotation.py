@@ -180,28 +180,6 @@ def test_expiry_gauge_is_in_unix_seconds(tmp_path: Path) -> None:
     assert 0 < left <= 86400 + 60  # the test PKI's certificates live one day
 
 
-def test_an_alert_fires_seven_days_before_a_loaded_certificate_expires() -> None:
-    """The alert reads the gauge the processes export (same name), with a 7-day threshold:
-    evaluated here on a certificate 6 days and one 8 days from expiry."""
-    import time
-
-    import yaml
-
-    from services.common.security import CERT_EXPIRY
-
-    rule_file = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "base" / "prometheusrule-certificates.yaml"
-    rules = {r["alert"]: r for g in yaml.safe_load(rule_file.read_text())["spec"]["groups"] for r in g["rules"]}
-    soon = rules["MmsearchCertificateExpiresSoon"]
-    metric, _, threshold = soon["expr"].partition(" - time() < ")
-    assert metric == CERT_EXPIRY._name == GAUGE
-    seconds = eval(threshold, {"__builtins__": {}})  # "7 * 24 * 3600"
-    assert seconds == 7 * 86400
-    now = time.time()
-    assert now + 6 * 86400 - now < seconds, "fires for a certificate 6 days from expiry"
-    assert not now + 8 * 86400 - now < seconds, "quiet at 8 days"
-    assert soon["labels"]["severity"] == "warning" and rules["MmsearchCertificateExpired"]["labels"]["severity"]
-
-
 async def test_the_search_service_reloads_its_upstream_files_by_itself(tmp_path: Path) -> None:
     """Wired into the running service: search notices renewed upstream files within about a
     second (its health loop) and keeps reaching its (also renewed) mTLS captioner."""
