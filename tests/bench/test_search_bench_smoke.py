@@ -26,6 +26,7 @@ RUNS = [
     ("bench.search_scale", ["--sizes", "200", "--milvus", "embedded", "--n", "3", "--no-adaptive",
                             "--qps-seconds", "0.3", "--clients", "2"]),
     ("bench.search_profile", ["--load", "vector", "--seconds", "2", "--images", "2", "--clients", "1"]),
+    ("bench.search_features", ["--sizes", "60", "--n", "2"]),
     ("bench.search_concurrency", ["--clients", "1,2", "--seconds", "0.5", "--images", "2", "--limit-active", "1",
                                   "--limit-waiting", "1"]),
 ]
