@@ -69,9 +69,9 @@ def test_alerts_fire_seven_days_before_expiry_and_at_expiry(rules_file: Path, tm
                         "summary": "A TLS certificate loaded by search-0 expires in less than 7 days",
                         "description": (
                             "The server certificate /etc/mmsearch/tls/tls.crt loaded by search-0 (search) expires in "
-                            "6d 23h 0m 0s. cert-manager renews at 30 days by default: check the Certificate's "
-                            "status (kubectl -n mmsearch describe certificate), the issuer, and that the Secret "
-                            "mounted in the pod changed."),
+                            "6d 23h 0m 0s, although cert-manager should have renewed it (renewBefore: 15 days in "
+                            "the examples): check the Certificate's status (kubectl -n mmsearch describe "
+                            "certificate), the issuer, and that the Secret mounted in the pod changed."),
                         "runbook": "docs/operations.md#certificate-rotation"},
                 }]},
                 {"eval_time": "73h", "alertname": "MmsearchCertificateExpired", "exp_alerts": []},
