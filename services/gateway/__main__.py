@@ -1,6 +1,8 @@
 """`python -m services.gateway`: the HTTP/JSON API and the search page (uvicorn)."""
 from __future__ import annotations
 
+import signal
+
 import uvicorn
 
 from services.common.log import configure_logging, get_logger
@@ -27,6 +29,11 @@ def main() -> None:
         lifespan="on",
         server_header=False,
     )
+    # uvicorn drains on SIGTERM / SIGINT, then raises the signal again for the handlers
+    # that were installed before it: these, so the process ends with 0 after a clean
+    # drain like the gRPC services (the default handler would kill it with -15).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: log.info("stop signal handled", signal=signum))
     try:
         uvicorn.Server(config).run()  # SIGTERM: stop accepting, finish requests in flight
     finally:
