@@ -319,3 +319,66 @@ async def test_captioner_killed_search_serves_ingest_defers_then_backfill_captio
         if search is not None:
             await search.stop(0.5)
         embedder.stop(), captioner.stop()
+
+
+def create_pre_deferral_collection(uri: str, name: str) -> None:
+    """The schema search created before deferred captions (no caption_pending field: Milvus
+    Lite cannot add one to an existing collection)."""
+    from pymilvus import DataType, MilvusClient
+
+    from services.search.milvus_store import PROP_DIM, PROP_MODEL
+
+    c = MilvusClient(uri=uri)
+    schema = c.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=256)
+    for field, length in (("content_sha256", 64), ("fingerprint", 64), ("uri", 2048), ("caption", 4096),
+                          ("embedder_model_id", 256), ("captioner_model_id", 256)):
+        schema.add_field(field, DataType.VARCHAR, max_length=length)
+    schema.add_field("keywords", DataType.ARRAY, element_type=DataType.VARCHAR, max_capacity=32, max_length=128)
+    schema.add_field("metadata", DataType.JSON)
+    schema.add_field("ingested_at_ms", DataType.INT64)
+    schema.add_field("image_vector", DataType.FLOAT_VECTOR, dim=DIM)
+    schema.add_field("caption_vector", DataType.FLOAT_VECTOR, dim=DIM)
+    index = c.prepare_index_params()
+    for field in ("image_vector", "caption_vector"):
+        index.add_index(field, index_type="HNSW", metric_type="COSINE", params={"M": 16, "efConstruction": 200})
+    c.create_collection(name, schema=schema, index_params=index,
+                        properties={PROP_MODEL: "dashscope:multimodal-embedding-v1", PROP_DIM: str(DIM)})
+    c.close()
+
+
+async def test_a_collection_made_before_deferred_captions_keeps_working(
+        fakes: tuple[FakeUpstream, FakeDashScope], milvus_server: MilvusLiteServer, tmp_path: Path) -> None:
+    """No caption_pending field: everything works as before, rows read as not pending, and
+    `defer` falls back to `fail` (nothing can be marked pending there)."""
+    create_pre_deferral_collection(milvus_server.uri, "pre_deferral")
+    embedder, captioner = upstreams(fakes, tmp_path)
+    search = None
+    try:
+        embedder.start(), captioner.start()
+        await embedder.wait_serving(120), await captioner.wait_serving(120)
+        search = await start_search(milvus_server.uri, embedder.address, captioner.address,
+                                    collection="pre_deferral", on_caption_failure="defer", upstream_attempts=2)
+        async with grpc.aio.insecure_channel(search.address) as channel:
+            stub = search_pb2_grpc.SearchStub(channel)
+            run = await ingest_all(stub, items_of(distinct_images(4, seed=147)))
+            assert run.progress.stored == 4, [o.error.message for o in run.failed.values()]
+            ids = [run.outcomes[i].id for i in range(4)]
+            got = await stub.Get(search_pb2.GetRequest(ids=ids), timeout=10)
+            assert len(got.records) == 4 and not any(r.caption_pending for r in got.records)
+            for target in (search_pb2.TARGET_IMAGE, search_pb2.TARGET_CAPTION, search_pb2.TARGET_HYBRID):
+                assert len((await stub.Search(text("a cat", target=target), timeout=10)).hits) == 3
+            stats = await stub.Stats(search_pb2.StatsRequest(), timeout=10)
+            assert stats.item_count == 4 and stats.caption_pending_count == 0
+            captioner.kill9()
+            await wait_name(search.address, "ingest.caption", NOT_SERVING, 5)
+            late = await ingest_all(stub, items_of(distinct_images(2, seed=148)))
+            assert late.progress.failed == 2 and late.progress.deferred == 0, late.progress
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await backfill(stub)
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "predates deferred captions" in (err.value.details() or "")
+    finally:
+        if search is not None:
+            await search.stop(0.5)
+        embedder.stop(), captioner.stop()
