@@ -9,6 +9,7 @@ must be in a table row too, with the default the code falls back to.
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -19,13 +20,14 @@ from pydantic_settings import BaseSettings
 from services.captioner.settings import CaptionerSettings
 from services.common.settings import MiB
 from services.embedder.settings import EmbedderSettings
+from services.gateway.settings import GatewaySettings
 from services.search.settings import SearchSettings
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs"
 SETTINGS_DOCS = ("configuration.md", "embedder.md", "captioner.md")
-SETTINGS: tuple[type[BaseSettings], ...] = (SearchSettings, EmbedderSettings, CaptionerSettings)
-PREFIXES = ("SEARCH_", "EMBEDDER_", "CAPTIONER_")
+SETTINGS: tuple[type[BaseSettings], ...] = (SearchSettings, EmbedderSettings, CaptionerSettings, GatewaySettings)
+PREFIXES = ("SEARCH_", "EMBEDDER_", "CAPTIONER_", "GATEWAY_")
 # What the code falls back to when each plainly-read variable is unset (the test fails
 # when the code reads one that is not listed here, so a new read needs its default).
 PLAIN_DEFAULTS = {
@@ -134,8 +136,10 @@ def doc_rows(names: tuple[str, ...]) -> dict[str, list[str]]:
 
 
 def renderings(value: Any) -> list[str]:
-    if value is None or value == "" or value == [] or value == ():
+    if value is None or value == "" or value == [] or value == () or value == {}:
         return list(_UNSET_WORDS)
+    if isinstance(value, dict):  # set as JSON in the environment
+        return [json.dumps(value)]
     if isinstance(value, SecretStr):
         return list(_UNSET_WORDS)
     if isinstance(value, bool):
