@@ -176,6 +176,7 @@ def up(
     start_timeout: Annotated[float, typer.Option(help="Seconds each service may take to become SERVING.")] = 300.0,
     log_level: Annotated[str | None, typer.Option(help="Services' log level (DEBUG, INFO, ...).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Show only warnings and errors from the services.")] = False,
+    defer_captions: Annotated[bool, typer.Option("--defer-captions", help="When captioning fails, store items with their caption pending (SEARCH_ON_CAPTION_FAILURE=defer) for `mmsearch backfill`.")] = False,
     keep_going: Annotated[bool, typer.Option("--keep-going", help="When a service dies after start-up, report it and keep the others serving (search degrades) instead of stopping everything.")] = False,
     gateway: Annotated[bool, typer.Option("--gateway/--no-gateway", help="Run the HTTP/JSON API and search page (services/gateway).")] = True,
     http_port: Annotated[int, typer.Option(help="HTTP port of the gateway (search page and HTTP/JSON API).")] = 8080,
@@ -197,6 +198,7 @@ def up(
         start_timeout_s=start_timeout,
         gateway=gateway,
         gateway_port=http_port,
+        env={"SEARCH_ON_CAPTION_FAILURE": "defer"} if defer_captions else {},
     )
     printer = output.SuiteLogPrinter(quiet_levels=("debug", "info") if quiet else ())
     ready_lines: list[str] = []

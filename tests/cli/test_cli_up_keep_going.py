@@ -23,10 +23,10 @@ import pytest
 from typer.testing import CliRunner
 
 from mmsearch.cli.main import app
-from mmsearch.client import SearchClient
+from mmsearch.client import ItemStatus, SearchClient
 from tests.captioner.fakes import FakeUpstream
 from tests.cli.launcher_support import ROOT, alive, wait_gone
-from tests.conftest import free_port
+from tests.conftest import free_port, png_bytes
 from tests.embedder.dashscope_fake import FakeDashScope
 
 KEY = "sk-keep-going-test-key"
@@ -97,7 +97,7 @@ def test_by_default_one_dead_service_stops_the_whole_suite(
 def test_keep_going_reports_the_death_and_keeps_the_rest_serving(
         fakes: tuple[FakeUpstream, FakeDashScope], tmp_path: Path) -> None:
     data_dir = tmp_path / "keep"
-    proc, pids, address = start_up(fakes, data_dir, "--keep-going")
+    proc, pids, address = start_up(fakes, data_dir, "--keep-going", "--defer-captions")
     try:
         os.kill(pids["captioner"], signal.SIGKILL)
         deadline = time.monotonic() + 20
@@ -115,6 +115,10 @@ def test_keep_going_reports_the_death_and_keeps_the_rest_serving(
             assert client.health("ingest.caption") == "NOT_SERVING"
             assert client.stats().item_count == 0
             assert client.search(text="a cat", top_k=3).hits == [], "text search works without the captioner"
+            # --defer-captions: an image ingested now is stored with its caption pending.
+            summary = client.ingest_all([png_bytes()])
+            assert summary.progress.deferred == 1 and summary.outcomes[0].status is ItemStatus.DEFERRED
+            assert client.stats().caption_pending_count == 1
         # `mmsearch health` tells degraded from down.
         result = runner.invoke(app, ["--address", address, "health", "--embedder-address", state_addresses(data_dir)[
             "embedder"], "--captioner-address", state_addresses(data_dir)["captioner"], "--json"])
