@@ -279,6 +279,13 @@ async def test_captioner_killed_search_serves_ingest_defers_then_backfill_captio
             stats = await stub.Stats(search_pb2.StatsRequest(), timeout=10)
             assert stats.item_count == 16 and stats.caption_pending_count == 10
 
+            # One backfill at a time per server: a second one meanwhile is ABORTED.
+            slow = asyncio.ensure_future(backfill(stub, max_items=2, max_items_per_s=1))
+            await asyncio.sleep(0.5)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await backfill(stub)
+            assert err.value.code() == grpc.StatusCode.ABORTED and "already running" in (err.value.details() or "")
+            await slow
             # A backfill while the captioner is still down: every item reported, none lost.
             down, progress = await backfill(stub, max_items=3)
             assert progress.total == 3 and progress.failed == 3 and len(down) == 3
