@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import html
+import json
 import re
 import time
 from dataclasses import dataclass
@@ -158,11 +159,42 @@ def _label_of(result: SearchResult) -> str:
     return str(hit.metadata.get("label") or hit.id)
 
 
-def write_index(out: Path, results: list[tuple[DemoQuery, SearchResult, Path]]) -> Path:
+DEFAULT_LIVE_URL = "http://127.0.0.1:8080/"  # `mmsearch up`'s gateway
+
+
+def live_page_url(search_address: str | None = None, data_dir: Path = Path("var")) -> str:
+    """The search page of a running suite: the gateway URL in `<data_dir>/suite.json` (of the
+    suite serving `search_address`, when given), else `mmsearch up`'s default."""
+    try:
+        state = json.loads((data_dir / "suite.json").read_text())
+    except (OSError, ValueError):
+        return DEFAULT_LIVE_URL
+    url = state.get("gateway_url") if isinstance(state, dict) else None
+    if url and (search_address is None or state.get("search_address") == search_address):
+        return str(url)
+    return DEFAULT_LIVE_URL
+
+
+def _live_link(url: str) -> str:
+    """A link to the live search page that says whether it answers now (an image probe:
+    no CORS needed from a file:// page)."""
+    u = html.escape(url, quote=True)
+    return (
+        f"<p id='live'>Live search page: <a href='{u}'>{u}</a> "
+        "<span id='live-state'>(checking…)</span></p>"
+        f"<img src='{u}static/favicon.svg' alt='' width='1' height='1' style='border:0'"
+        " onload=\"document.getElementById('live-state').textContent='(the suite is running: search live)'\""
+        " onerror=\"document.getElementById('live-state').textContent="
+        "'(not running now: start it with mmsearch up, then reload)'\">"
+    )
+
+
+def write_index(out: Path, results: list[tuple[DemoQuery, SearchResult, Path]], live_url: str = DEFAULT_LIVE_URL) -> Path:
     parts = [
         "<!doctype html><meta charset='utf-8'><title>mmsearch demo</title>",
         "<style>body{font-family:sans-serif;background:#f6f6f3;margin:2em}img{max-width:100%;border:1px solid #ddd}</style>",
         "<h1>mmsearch demo</h1>",
+        _live_link(live_url),
     ]
     for n, (q, result, sheet) in enumerate(results, start=1):
         rel = sheet.relative_to(out).as_posix()
@@ -224,7 +256,7 @@ def run_demo(
         if suite is not None:
             output.err_console.print("stopping the local suite …")
             suite.stop()
-    index = write_index(out, results)
+    index = write_index(out, results, live_page_url(address if conn.address_given else None))
 
     table = Table(title="demo summary", title_justify="left", title_style="bold")
     for col in ("#", "query", "top hit", "expected", "contact sheet"):

@@ -216,3 +216,18 @@ def test_more_like_this_on_a_hit(page: webdriver.Chrome) -> None:
     assert page.find_element(By.ID, "like-id").text == "cat" and page.find_element(By.ID, "like").is_displayed()
     assert page.find_element(By.ID, "q").get_attribute("value") == ""
     screenshot(page, "more-like-cat")
+
+
+def test_the_demo_index_links_to_the_live_page(browser: webdriver.Chrome, gateway_suite: GatewaySuite,
+                                              tmp_path: Path) -> None:
+    """`mmsearch demo`'s index.html (a file:// page) says whether the search page answers."""
+    from mmsearch.cli.demo import write_index
+    from tests.conftest import free_port
+
+    for url, state in ((gateway_suite.base_url + "/", "the suite is running"),
+                       (f"http://127.0.0.1:{free_port()}/", "not running now")):
+        out = tmp_path / state.replace(" ", "-")
+        out.mkdir()
+        browser.get(write_index(out, [], live_url=url).as_uri())
+        WebDriverWait(browser, 30).until(lambda d, want=state: want in d.find_element(By.ID, "live-state").text)
+        assert browser.find_element(By.CSS_SELECTOR, "#live a").get_attribute("href") == url

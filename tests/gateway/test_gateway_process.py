@@ -139,3 +139,16 @@ def test_sigterm_stops_it_cleanly(standalone: tuple[str, int, subprocess.Popen[b
     assert proc.returncode == 0, output.decode(errors="replace")[-3000:]
     assert time.monotonic() - started < 10
     assert b"server stopped" in output
+
+
+def test_the_demo_finds_the_running_suites_page(tmp_path: Path) -> None:
+    import json
+
+    from mmsearch.cli.demo import DEFAULT_LIVE_URL, live_page_url
+
+    assert live_page_url(None, tmp_path) == DEFAULT_LIVE_URL  # no suite.json
+    (tmp_path / "suite.json").write_text(json.dumps(
+        {"search_address": "127.0.0.1:6000", "gateway_url": "http://127.0.0.1:6080/"}))
+    assert live_page_url(None, tmp_path) == "http://127.0.0.1:6080/"
+    assert live_page_url("127.0.0.1:6000", tmp_path) == "http://127.0.0.1:6080/"
+    assert live_page_url("127.0.0.1:7000", tmp_path) == DEFAULT_LIVE_URL  # another suite's file
