@@ -12,7 +12,7 @@ import contextlib
 import grpc
 
 from mmsearch.client._channel import retry_service_config
-from services.common.security import channel_credentials, client_files_stamp
+from services.common.security import channel_credentials, client_files_stamp, client_pair_consistent
 from services.common.settings import ClientTlsSettings, MiB
 
 
@@ -69,6 +69,8 @@ class ReloadingChannel:
         stamp = client_files_stamp(self._tls)
         if stamp == self._stamp:
             return False
+        if self._tls is not None and not client_pair_consistent(self._tls):
+            return False  # caught half-way through an update: look again at the next check
         try:
             fresh = create_channel(*self._args)
         except OSError:

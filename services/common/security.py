@@ -173,6 +173,16 @@ def channel_credentials(tls: ClientTlsSettings) -> grpc.ChannelCredentials | Non
     )
 
 
+def client_pair_consistent(tls: ClientTlsSettings) -> bool:
+    """The client certificate matches its key (or there is none): safe to build a channel."""
+    if tls.cert_file is None or tls.key_file is None:
+        return True
+    try:
+        return _key_matches(tls.cert_file.read_bytes(), tls.key_file.read_bytes())
+    except OSError:
+        return False
+
+
 def client_files_stamp(tls: ClientTlsSettings | None) -> tuple[tuple[int, int, int], ...]:
     if tls is None or not tls.enabled:
         return ()
