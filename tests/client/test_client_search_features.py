@@ -132,6 +132,9 @@ def test_group_by_gives_distinct_products(client: SearchClient) -> None:
     assert len(labels) == 5 and len(set(labels)) == 5, labels
     two = client.search(image=jpeg("cat"), top_k=4, filter=MINE, group_by="label", group_size=2)
     assert [h.metadata["label"] for h in two].count("cat") == 2
+    # An indexed field is a real column: `in [...]` works on embedded Milvus Lite too.
+    some = client.search("a cat", top_k=8, filter=f'{MINE} and label in ["cat", "coffee"]')
+    assert {h.metadata["label"] for h in some} == {"cat", "coffee"}
     with pytest.raises(SearchError) as err:
         client.search("a cat", group_by="colour")
     assert err.value.code is grpc.StatusCode.INVALID_ARGUMENT and "colour" in err.value.details
