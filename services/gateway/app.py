@@ -214,11 +214,27 @@ def _error_line(error: HttpError) -> bytes:
     return json.dumps({"error": error.body()}, separators=(",", ":")).encode() + b"\n"
 
 
+class DuplexStreamingResponse(StreamingResponse):
+    """A streaming answer while the request body may still be arriving (Ingest).
+
+    Starlette's StreamingResponse (under ASGI spec < 2.4, which uvicorn declares) reads
+    `receive()` in a second task to notice a disconnect: that task would take body chunks
+    from under the request reader. Here only the request reader calls `receive()`; the
+    disconnect is watched once the body is complete (`call_client_stream`)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.stream_response(send)
+        except OSError:
+            raise ClientDisconnect() from None
+
+
 async def _stream_response(
     gw: Gateway,
     method: Method,
     call: Any,
     request_errors: list[HttpError],
+    duplex: bool = False,
 ) -> Response:
     """Waits for the first message (so a refused call gets its HTTP status), then streams."""
     try:
@@ -258,7 +274,7 @@ async def _stream_response(
         if request_errors:
             yield _error_line(request_errors[0])
 
-    return StreamingResponse(lines(), media_type=NDJSON)
+    return (DuplexStreamingResponse if duplex else StreamingResponse)(lines(), media_type=NDJSON)
 
 
 async def call_unary(gw: Gateway, method: Method, request: Request, message: Message) -> Response:
@@ -278,6 +294,13 @@ async def call_client_stream(
     they are decided. A bad line ends the request stream there: the items before it are
     still answered, then an `{"error"}` line names the bad one."""
     request_errors: list[HttpError] = []
+    holder: dict[str, Any] = {}
+
+    async def cancel_on_disconnect() -> None:
+        # The body is complete: the next message can only be the client's disconnect.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        holder["call"].cancel()  # stop the work upstream: items not yet stored are not written
 
     async def requests() -> AsyncIterator[Message]:
         try:
@@ -285,10 +308,16 @@ async def call_client_stream(
                 yield message
         except HttpError as e:
             request_errors.append(e)
+            return
         except ClientDisconnect:
-            request_errors.append(HttpError.invalid("the client went away while sending the body"))
+            holder["call"].cancel()
+            return
+        watcher = asyncio.get_running_loop().create_task(cancel_on_disconnect())
+        holder["watcher"] = watcher
+        holder["call"].add_done_callback(lambda _call: watcher.cancel())
 
     call = gw.callable(method)(requests(), metadata=_metadata(request), timeout=gw.timeout(method))
+    holder["call"] = call
     if not method.server_streaming:  # no such RPC today; kept for completeness
         try:
             reply = await call
@@ -299,7 +328,7 @@ async def call_client_stream(
         if request_errors:
             raise request_errors[0]
         return JSONResponse(to_json(reply))
-    return await _stream_response(gw, method, call, request_errors)
+    return await _stream_response(gw, method, call, request_errors, duplex=True)
 
 
 async def call_server_stream(gw: Gateway, method: Method, request: Request, message: Message) -> Response:

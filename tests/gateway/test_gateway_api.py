@@ -326,3 +326,38 @@ def test_more_like_this_over_http(http: httpx.Client) -> None:
     assert "cat" not in [h["id"] for h in reply.json()["hits"]] and len(reply.json()["hits"]) == 3
     missing = http.post("/v1/search", json={"likeId": "gw-no-such-item", "topK": 3})
     assert missing.status_code == 400 and missing.json()["message"]
+
+
+def test_ingest_outcomes_stream_back_while_the_body_is_still_being_sent(suite: GatewaySuite) -> None:
+    """Full duplex over HTTP/1.1 chunked: the first item's outcome arrives before the client
+    sends the second line, and nothing of the body is lost meanwhile."""
+    import socket
+    from urllib.parse import urlsplit
+
+    def line(name: str) -> bytes:
+        return (json.dumps({"id": name, "image": {"uri": (suite.photos / f"{name}.jpg").as_uri()},
+                            "metadataJson": json.dumps({"label": name})}) + "\n").encode()
+
+    def chunk(data: bytes) -> bytes:
+        return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+    url = urlsplit(suite.base_url)
+    with socket.create_connection((url.hostname, url.port), timeout=120) as sock:
+        sock.sendall(b"POST /v1/ingest HTTP/1.1\r\nHost: gw\r\nContent-Type: application/x-ndjson\r\n"
+                     b"Transfer-Encoding: chunked\r\nConnection: close\r\n"
+                     + f"Authorization: Bearer {suite.token}\r\n\r\n".encode() + chunk(line("cat")))
+        received = b""
+        while b'"id":"cat"' not in received:  # the outcome of the first line, before the second is sent
+            data = sock.recv(65536)
+            assert data, received
+            received += data
+        assert received.startswith(b"HTTP/1.1 200")
+        second = line("coffee")
+        sock.sendall(chunk(second[:10]) + chunk(second[10:]) + b"0\r\n\r\n")  # split across chunks
+        while data := sock.recv(65536):
+            received += data
+    body = received.partition(b"\r\n\r\n")[2]
+    text = b"".join(part for i, part in enumerate(body.split(b"\r\n")) if i % 2 == 1).decode()  # de-chunk
+    found = [o for ln in text.splitlines() if ln.strip() for o in json.loads(ln)["result"]["outcomes"]]
+    assert [(o.get("index", "0"), o["id"], o["status"]) for o in found] == [
+        ("0", "cat", "ITEM_STATUS_UNCHANGED"), ("1", "coffee", "ITEM_STATUS_UNCHANGED")]
