@@ -179,13 +179,14 @@ def _live_link(url: str) -> str:
     """A link to the live search page that says whether it answers now (an image probe:
     no CORS needed from a file:// page)."""
     u = html.escape(url, quote=True)
+    src = json.dumps(url + "static/favicon.svg").replace("<", "\\u003c")  # never ends the script
     return (
         f"<p id='live'>Live search page: <a href='{u}'>{u}</a> "
-        "<span id='live-state'>(checking…)</span></p>"
-        f"<img src='{u}static/favicon.svg' alt='' width='1' height='1' style='border:0'"
-        " onload=\"document.getElementById('live-state').textContent='(the suite is running: search live)'\""
-        " onerror=\"document.getElementById('live-state').textContent="
-        "'(not running now: start it with mmsearch up, then reload)'\">"
+        "<span id='live-state'>(checking…)</span></p>\n<script>\n"
+        "const probe = new Image(), state = document.getElementById('live-state');\n"
+        "probe.onload = () => { state.textContent = '(the suite is running: search live)'; };\n"
+        "probe.onerror = () => { state.textContent = '(not running now: start it with mmsearch up, then reload)'; };\n"
+        f"probe.src = {src};\n</script>"
     )
 
 
