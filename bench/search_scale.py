@@ -63,6 +63,7 @@ def load(data_dir: str, start: int, stop: int, model_id: str, dim: int, index: s
             "caption": f"synthetic item {j}", "keywords": ["bench", f"k{j % 100}"], "metadata": {"n": j % 1000},
             "embedder_model_id": model_id, "captioner_model_id": "bench", "ingested_at_ms": 1_760_000_000_000 + j,
             F.IMAGE_VECTOR: img[j - i], F.CAPTION_VECTOR: cap[j - i],
+            F.KEYWORD_TEXT: f"synthetic item {j} bench k{j % 100}",  # the BM25 function's input
         } for j in range(i, i + n)]
         client.insert(COLLECTION, rows)
     insert_s = time.perf_counter() - t

@@ -593,32 +593,66 @@ class MilvusStore:
 
     async def iterate(self, leg: LegQuery, opts: SearchOptions, batch_size: int, limit: int) -> AsyncIterator[
             list[RawHit]]:
-        """Every hit of one leg in rank order, a batch at a time (Milvus' search iterator):
-        beyond the offset + top_k window. Stops at `limit` hits (0: all) or at the first
-        hit under `opts.min_score`."""
+        """Every row matching the filter, ranked exactly by similarity to a dense vector, a
+        batch at a time: beyond Search's offset + top_k window (deep pagination, export).
+
+        Milvus' own search iterator is not used: on Milvus Lite (no iterator v2) it stopped
+        at 5,001 of 20,000 rows, and range search (its v1 mechanism) returned 644 of 1,000
+        rows in a band. So the scores are computed here from the stored vectors (one
+        query_iterator pass, SEARCH_MAX_EXPORT_ROWS at most), sorted, and each batch's
+        fields fetched by id: exact order, no duplicates, no gaps. Rows deleted during the
+        export are left out.
+        """
+        if leg.field == F.KEYWORD_SPARSE:
+            raise InvalidInput("SearchAll ranks by a vector (IMAGE or CAPTION target); the keyword leg pages only "
+                               "within Search's window")
         await self.require()
-        expr = self._leg_filter(leg.field, opts.filter)
-        it = await self._call("search_iterator", lambda c: c.search_iterator(
-            self.collection, data=[leg.data], anns_field=leg.field, batch_size=batch_size,
-            limit=limit if limit > 0 else -1, filter=expr, output_fields=opts.output_fields,
-            search_params=self._leg_params(leg.field, batch_size)), opts.filter)
-        sent = 0
-        try:
-            while True:
-                batch = await self._call("search_iterator", lambda c: it.next())
-                if not batch:
-                    return
-                hits = self._hits([batch], leg.field)
-                kept = _at_least(hits, opts.min_score)
-                if limit > 0:
-                    kept = kept[: limit - sent]
-                if kept:
-                    sent += len(kept)
-                    yield kept
-                if len(kept) < len(hits) or (limit > 0 and sent >= limit):
-                    return
-        finally:
-            await asyncio.get_running_loop().run_in_executor(self._pool, it.close)
+        expr = self._leg_filter(leg.field, opts.filter) or 'id != ""'
+        query = np.asarray(leg.data, dtype=np.float32)
+        cap = self.settings.max_export_rows
+
+        def scan(c: MilvusClient) -> tuple[list[str], np.ndarray]:
+            it = c.query_iterator(self.collection, batch_size=2000, filter=expr, output_fields=["id", leg.field])
+            ids: list[str] = []
+            parts: list[np.ndarray] = []
+            try:
+                while batch := it.next():
+                    ids += [r["id"] for r in batch]
+                    parts.append(self._scores(query, np.asarray([r[leg.field] for r in batch], dtype=np.float32)))
+                    if len(ids) > cap:
+                        raise InvalidInput(f"more than SEARCH_MAX_EXPORT_ROWS ({cap}) rows match: narrow the filter "
+                                           "or set a limit")
+            finally:
+                it.close()
+            return ids, np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+        ids, scores = await self._call("query_iterator", scan, opts.filter)
+        if opts.min_score is not None:
+            keep = np.flatnonzero(scores >= opts.min_score)
+            ids, scores = [ids[i] for i in keep], scores[keep]
+        # Best first; ties in id order so that repeated exports agree.
+        order = np.lexsort((np.asarray(ids, dtype=object), -scores)) if ids else np.zeros(0, np.int64)
+        if limit > 0:
+            order = order[:limit]
+        for start in range(0, len(order), batch_size):
+            chunk = [ids[i] for i in order[start : start + batch_size]]
+            fields = opts.output_fields
+            rows = await self._call("get", lambda c, chunk=chunk: c.get(
+                self.collection, ids=chunk, output_fields=fields or ["id"]))
+            by_id = {r["id"]: r for r in rows}
+            yield [RawHit(i, float(scores[j]), {k: v for k, v in by_id[i].items() if k != "id"})
+                   for i, j in zip(chunk, order[start : start + batch_size], strict=True) if i in by_id]
+
+    def _scores(self, query: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+        """Similarities as Search reports them ("higher is better") for this metric."""
+        metric = self.settings.metric_type
+        if metric == "L2":
+            return -np.linalg.norm(vectors - query, axis=1)
+        dots = vectors @ query
+        if metric == "IP":
+            return dots
+        norms = np.linalg.norm(vectors, axis=1) * max(float(np.linalg.norm(query)), 1e-12)
+        return dots / np.maximum(norms, 1e-12)
 
 
 def _at_least(hits: list[RawHit], min_score: float | None) -> list[RawHit]:

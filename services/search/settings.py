@@ -97,8 +97,10 @@ class SearchSettings(ServerSettings):
     max_waiting_searches: int = 256
     # Examples per multi-example query.
     max_examples: int = 8
-    # SearchAll streams at once (each holds a Milvus search iterator); more are refused.
+    # SearchAll streams at once; more are refused (RESOURCE_EXHAUSTED).
     max_concurrent_exports: int = 4
+    # Rows one SearchAll may rank (it holds an id and a score per row: ~100 MB a million).
+    max_export_rows: int = 1_000_000
     # The keyword (BM25) leg's analyzer, as Milvus takes it (JSON in the environment).
     # Chinese captions: {"tokenizer": "jieba"} on embedded Milvus Lite (needs the `jieba`
     # package), {"type": "chinese"} on a Milvus server. Read when a collection is created.

@@ -698,7 +698,8 @@ class SearchAllRequest(_message.Message):
     @_builtins.property
     def search(self) -> Global___SearchRequest:
         """The search: a query (text, image, composed, query_vector, like_id or examples),
-        target, filter, output_fields and min_score; `top_k` and `offset` are ignored.
+        target (IMAGE or CAPTION), filter, output_fields and min_score; `top_k` and
+        `offset` are ignored.
         """
 
     def __init__(

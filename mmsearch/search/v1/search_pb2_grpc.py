@@ -163,9 +163,12 @@ class SearchServicer:
 
     def SearchAll(self, request, context):
         """Streams every hit of a search in rank order, beyond Search's window (deep
-        pagination, export): Milvus' search iterator over one target (IMAGE, CAPTION or
-        KEYWORD; not HYBRID, grouping or decay, which need the whole list at once:
-        INVALID_ARGUMENT). Hits come in batches with a running count; no duplicates, no gaps.
+        pagination, export): every row matching the filter, ranked exactly by similarity to
+        the query vector on one dense target (IMAGE or CAPTION; KEYWORD, HYBRID, grouping
+        and decay are INVALID_ARGUMENT). At most `max_export_rows` (a server setting, one
+        million by default) rows may match. Hits come in batches with a running count; no
+        duplicates, no gaps. Scores are exact, so the first hits may differ slightly from
+        Search's (an approximate index).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -78,9 +78,12 @@ class SearchStub:
     """
     SearchAll: _grpc.UnaryStreamMultiCallable[_search_pb2.SearchAllRequest, _search_pb2.SearchAllResponse]
     """Streams every hit of a search in rank order, beyond Search's window (deep
-    pagination, export): Milvus' search iterator over one target (IMAGE, CAPTION or
-    KEYWORD; not HYBRID, grouping or decay, which need the whole list at once:
-    INVALID_ARGUMENT). Hits come in batches with a running count; no duplicates, no gaps.
+    pagination, export): every row matching the filter, ranked exactly by similarity to
+    the query vector on one dense target (IMAGE or CAPTION; KEYWORD, HYBRID, grouping
+    and decay are INVALID_ARGUMENT). At most `max_export_rows` (a server setting, one
+    million by default) rows may match. Hits come in batches with a running count; no
+    duplicates, no gaps. Scores are exact, so the first hits may differ slightly from
+    Search's (an approximate index).
     """
 
 @_typing.type_check_only
@@ -131,9 +134,12 @@ class SearchAsyncStub(SearchStub):
     """
     SearchAll: _aio.UnaryStreamMultiCallable[_search_pb2.SearchAllRequest, _search_pb2.SearchAllResponse]  # type: ignore[assignment]
     """Streams every hit of a search in rank order, beyond Search's window (deep
-    pagination, export): Milvus' search iterator over one target (IMAGE, CAPTION or
-    KEYWORD; not HYBRID, grouping or decay, which need the whole list at once:
-    INVALID_ARGUMENT). Hits come in batches with a running count; no duplicates, no gaps.
+    pagination, export): every row matching the filter, ranked exactly by similarity to
+    the query vector on one dense target (IMAGE or CAPTION; KEYWORD, HYBRID, grouping
+    and decay are INVALID_ARGUMENT). At most `max_export_rows` (a server setting, one
+    million by default) rows may match. Hits come in batches with a running count; no
+    duplicates, no gaps. Scores are exact, so the first hits may differ slightly from
+    Search's (an approximate index).
     """
 
 class SearchServicer(metaclass=_abc_1.ABCMeta):
@@ -223,9 +229,12 @@ class SearchServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_search_pb2.SearchAllResponse], _abc.AsyncIterator[_search_pb2.SearchAllResponse]]:
         """Streams every hit of a search in rank order, beyond Search's window (deep
-        pagination, export): Milvus' search iterator over one target (IMAGE, CAPTION or
-        KEYWORD; not HYBRID, grouping or decay, which need the whole list at once:
-        INVALID_ARGUMENT). Hits come in batches with a running count; no duplicates, no gaps.
+        pagination, export): every row matching the filter, ranked exactly by similarity to
+        the query vector on one dense target (IMAGE or CAPTION; KEYWORD, HYBRID, grouping
+        and decay are INVALID_ARGUMENT). At most `max_export_rows` (a server setting, one
+        million by default) rows may match. Hits come in batches with a running count; no
+        duplicates, no gaps. Scores are exact, so the first hits may differ slightly from
+        Search's (an approximate index).
         """
 
 def add_SearchServicer_to_server(servicer: SearchServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
