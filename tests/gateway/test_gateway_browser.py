@@ -161,6 +161,7 @@ def test_a_bad_upload_shows_the_servers_message(page: webdriver.Chrome, gateway_
     assert reply.status_code == 400
     assert error == f"400 INVALID_ARGUMENT: {reply.json()['message']}"
     assert "not a recognised image format" in error
+    assert not page.find_elements(By.CSS_SELECTOR, "#results .hit") and not page.find_element(By.ID, "pager").is_displayed()
     screenshot(page, "bad-upload")
 
 
@@ -172,7 +173,7 @@ def test_placeholder_filter_target_and_pagination(page: webdriver.Chrome) -> Non
     assert len(ids) == 1
     placeholder = page.find_element(By.CSS_SELECTOR, "#results .hit .thumb")
     assert "placeholder" in placeholder.get_attribute("class")
-    assert page.find_element(By.ID, "pager").get_attribute("hidden") is not None  # one page only
+    assert not page.find_element(By.ID, "pager").is_displayed()  # one page only
 
     # Captions as the target, 12 per page: page 2 continues page 1.
     page.find_element(By.ID, "filter").clear()
