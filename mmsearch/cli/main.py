@@ -426,8 +426,9 @@ def _check_search_options(query: QuerySpec, *, mode_given: bool, all_hits: bool,
     if query.group_by and query.offset:
         raise _fail("--group-by does not page: leave out --offset", 2)
     if all_hits:
-        if query.target is Target.HYBRID:
-            raise _fail("--all streams one target (image, caption or keyword), not hybrid / --legs", 2)
+        if query.target in (Target.HYBRID, Target.KEYWORD):
+            raise _fail("--all streams one vector target (--mode image or caption), not hybrid / --legs or "
+                        "keyword (keyword hits page within --top-k / --offset)", 2)
         for flag, used in (("--group-by", query.group_by), ("--boost-recency", query.boost_recency),
                            ("--offset", query.offset), ("--out", out)):
             if used:
@@ -477,7 +478,7 @@ def search(
     group_by: Annotated[str | None, typer.Option("--group-by", help="At most --group-size hits per value of this indexed field (mmsearch stats lists them).")] = None,
     group_size: Annotated[int, typer.Option("--group-size", min=0, max=16, help="Hits per group with --group-by (0: 1).")] = 0,
     boost_recency: Annotated[str | None, typer.Option("--boost-recency", help="Boost recent items: the age at which the boost halves, e.g. 7d, 12h, 30m, or milliseconds.")] = None,
-    all_hits: Annotated[bool, typer.Option("--all", help="Stream every hit in rank order as JSON lines (one hit per line; progress on stderr).")] = False,
+    all_hits: Annotated[bool, typer.Option("--all", help="Stream every hit in rank order as JSON lines (one hit per line; progress on stderr); image or caption mode.")] = False,
     limit: Annotated[int, typer.Option(min=0, help="With --all: stop after this many hits (0: all that match).")] = 0,
     batch_size: Annotated[int, typer.Option(min=0, max=1000, help="With --all: hits per message (0: the server's 256).")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,

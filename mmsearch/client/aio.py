@@ -101,13 +101,19 @@ class AsyncSearchClient(ClientBase):
         """See `SearchClient.search_all`: an async iterator of hits in rank order."""
         request = await asyncio.to_thread(
             _convert.build_search_all_request, text, limit=limit, batch_size=batch_size, **query)
-        call = self._stub.SearchAll(request, timeout=timeout, metadata=self.config.call_metadata())
+        async for response in self._stream("SearchAll", self._stub.SearchAll, request, timeout):
+            for hit in _convert.search_all_hits(response, on_progress):
+                yield hit
+
+    async def _stream(self, method: str, fn: Callable[..., Any], request: Any, timeout: float | None
+                      ) -> AsyncIterator[Any]:
+        """A server-streaming call's messages; errors become `SearchError`; leaving early cancels it."""
+        call = fn(request, timeout=timeout, metadata=self.config.call_metadata())
         try:
             async for response in call:
-                for hit in _convert.search_all_hits(response, on_progress):
-                    yield hit
+                yield response
         except grpc.RpcError as e:
-            raise _convert.rpc_error(e, "SearchAll") from e
+            raise _convert.rpc_error(e, method) from e
         finally:
             call.cancel()
 
@@ -189,14 +195,8 @@ class AsyncSearchClient(ClientBase):
     ) -> AsyncIterator[BackfillUpdate]:
         """See `SearchClient.backfill`."""
         request = search_pb2.BackfillRequest(max_items=max_items, max_items_per_s=max_items_per_s)
-        call = self._stub.Backfill(request, timeout=timeout, metadata=self.config.call_metadata())
-        try:
-            async for response in call:
-                yield _convert.backfill_update_from_proto(response)
-        except grpc.RpcError as e:
-            raise _convert.rpc_error(e, "Backfill") from e
-        finally:
-            call.cancel()
+        async for response in self._stream("Backfill", self._stub.Backfill, request, timeout):
+            yield _convert.backfill_update_from_proto(response)
 
     async def stats(self, *, timeout: float | None = DEFAULT) -> Stats:
         response = await self._call("Stats", self._stub.Stats, search_pb2.StatsRequest(), timeout)

@@ -131,8 +131,9 @@ class SearchClient(ClientBase):
         on_progress: ProgressCallback | None = None, timeout: float | None = None, **query: Unpack[StreamQuery],
     ) -> Iterator[Hit]:
         """Every hit of a search in rank order, streamed (SearchAll: beyond `search`'s
-        window of 16,384; exports). One target (image, caption or keyword; no legs,
-        grouping or decay); the query and `filter` / `min_score` as in `search`.
+        window of 16,384; exports), ranked exactly. One vector target (image or caption;
+        no keyword, legs, grouping or decay); the query and `filter` / `min_score` as in
+        `search`.
         `limit`: stop after this many hits (0: all that match); `batch_size` hits per
         message (0: the server's 256); `on_progress` gets the running count per batch.
         `timeout` (default: none) bounds the whole call; stopping early cancels it.
@@ -217,14 +218,8 @@ class SearchClient(ClientBase):
         outcomes and running totals (the first update carries only `progress.total`).
         Resumable and idempotent; `max_items_per_s` paces it (0: the server's ceiling)."""
         request = search_pb2.BackfillRequest(max_items=max_items, max_items_per_s=max_items_per_s)
-        call = self._stub.Backfill(request, timeout=timeout, metadata=self.config.call_metadata())
-        try:
-            for response in call:
-                yield _convert.backfill_update_from_proto(response)
-        except grpc.RpcError as e:
-            raise _convert.rpc_error(e, "Backfill") from e
-        finally:
-            call.cancel()
+        for response in self._stream("Backfill", self._stub.Backfill, request, timeout):
+            yield _convert.backfill_update_from_proto(response)
 
     def stats(self, *, timeout: float | None = DEFAULT) -> Stats:
         response = self._call("Stats", self._stub.Stats, search_pb2.StatsRequest(), timeout)

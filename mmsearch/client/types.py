@@ -129,7 +129,8 @@ class SearchFeatures(TypedDict, total=False):
 
 
 class StreamQuery(TypedDict, total=False):
-    """`search_all`'s keyword arguments (one target in rank order: no legs, grouping or decay)."""
+    """`search_all`'s keyword arguments (one vector target, image or caption, in rank order:
+    no keyword, legs, grouping or decay)."""
 
     image: ImageInput | None
     instruction: str | None

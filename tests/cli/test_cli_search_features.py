@@ -121,7 +121,8 @@ def test_all_streams_json_lines_in_rank_order(real_suite: RealSuite, photos: Pat
     (["--text", "a", "--group-size", "2"], "--group-size needs --group-by"),
     (["--text", "a", "--group-by", "label", "--offset", "3"], "--group-by does not page"),
     (["--text", "a", "--boost-recency", "soon"], "bad duration"),
-    (["--text", "a", "--all", "--mode", "hybrid"], "--all streams one target"),
+    (["--text", "a", "--all", "--mode", "hybrid"], "--all streams one vector target"),
+    (["--text", "a", "--all", "--mode", "keyword"], "--all streams one vector target"),
     (["--text", "a", "--all", "--group-by", "label"], "leave out --group-by"),
     (["--text", "a", "--all", "--boost-recency", "1d"], "leave out --boost-recency"),
 ])
