@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
+from prometheus_client import Counter
 from pydantic import SecretStr
 
 from services.common.errors import InvalidInput, ServiceError, UpstreamExhausted
@@ -231,6 +232,134 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)
         return refusing(handler, grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+
+
+def _bearer(metadata: Sequence[tuple[str, str | bytes]] | None) -> bytes | None:
+    """The bearer token of a call; b"" for an authorization header that is not a bearer
+    token (refused), None without the header."""
+    for key, value in metadata or ():
+        if key.lower() != "authorization":
+            continue
+        raw = value.encode() if isinstance(value, str) else value
+        scheme, _, token = raw.partition(b" ")
+        return token.strip() if scheme.lower() == b"bearer" else b""
+    return None
+
+
+def _certificate_identities(context: grpc.aio.ServicerContext) -> list[str]:
+    """The client certificate's subject CN and SANs (mTLS), as gRPC verified them."""
+    try:
+        auth = context.auth_context() or {}
+    except Exception:  # noqa: BLE001 - a plaintext call has none
+        return []
+    out: list[str] = []
+    for key in ("x509_common_name", "x509_subject_alternative_name"):
+        out += [v.decode() if isinstance(v, bytes) else str(v) for v in auth.get(key, ())]
+    return out
+
+
+TENANT_CALLS = Counter(
+    "mmsearch_tenant_calls_total",
+    "Calls by tenant and method (only with <PREFIX>TENANT_METRICS=true: one series per tenant).",
+    ["tenant", "grpc_method"],
+)
+
+
+class ScopedAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Resolves each call's caller (bearer token, or mTLS client certificate identity) to
+    a tenant and scopes (`services.common.tokens.TokenRegistry`), refuses it without the
+    scope its method needs, and makes it the current `Principal` for the call.
+
+    Missing / unknown credentials: UNAUTHENTICATED. A known caller without the scope:
+    PERMISSION_DENIED naming the scope. `method_scopes` maps full method names to the scope
+    they need (others need "search"); calls to `audited` methods, and every call that
+    needs "admin", are written to the log (tenant, identity, number of ids, outcome).
+    """
+
+    def __init__(
+        self, registry: Any, method_scopes: Mapping[str, str] | None = None, audited: Sequence[str] = (),
+        tenant_metrics: bool = False,
+    ) -> None:
+        self.registry = registry
+        self.method_scopes = dict(method_scopes or {})
+        self.audited = frozenset(audited)
+        self.tenant_metrics = tenant_metrics
+        self._cache = HandlerCache()
+
+    def _resolve(self, context: grpc.aio.ServicerContext) -> Any:
+        token = _bearer(context.invocation_metadata())
+        if token is not None:  # a token given must be valid, whatever the certificate says
+            return self.registry.for_token(token) if token else None
+        identities = _certificate_identities(context)
+        return self.registry.for_identities(identities) if identities else None
+
+    async def _admit(self, method: str, scope: str, context: grpc.aio.ServicerContext) -> Any:
+        from services.common.principal import set_current
+
+        principal = self._resolve(context)
+        if principal is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+        if not principal.allows(scope):
+            log.warning("permission denied", method=method, tenant=principal.tenant, identity=principal.identity,
+                        missing_scope=scope)
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{method.rsplit('/', 1)[-1]} needs the {scope!r} scope; this caller (tenant {principal.tenant!r}) "
+                f"has {', '.join(sorted(principal.scopes))}",
+            )
+        if self.tenant_metrics:
+            TENANT_CALLS.labels(principal.tenant, method.rsplit("/", 1)[-1]).inc()
+        set_current(principal)  # one task per call: the value ends with the call
+        return principal
+
+    def _audit(self, method: str, principal: Any, request: Any, outcome: str) -> None:
+        ids = getattr(request, "ids", None)
+        log.info("audit", method=method.rsplit("/", 1)[-1], tenant=principal.tenant, identity=principal.identity,
+                 ids=len(ids) if ids is not None else None, outcome=outcome)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        method = handler_call_details.method
+        handler = await continuation(handler_call_details)
+        if method.startswith(UNAUTHENTICATED_PREFIXES):
+            return handler
+        scope = self.method_scopes.get(method, "search")
+        audited = method in self.audited or scope == "admin"
+
+        def wrapper(behaviour: Callable[..., Any], req_stream: bool, resp_stream: bool) -> Callable[..., Any]:
+            if resp_stream:
+
+                async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                    principal = await self._admit(method, scope, context)
+                    if audited:
+                        self._audit(method, principal, None if req_stream else request, "started")
+                    async for response in behaviour(request, context):
+                        yield response
+
+                return stream
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                principal = await self._admit(method, scope, context)
+                if not audited:
+                    return await behaviour(request, context)
+                outcome = "error"
+                try:
+                    response = await behaviour(request, context)
+                    outcome = "ok"
+                    return response
+                except grpc.aio.AbortError:
+                    code = context.code() if hasattr(context, "code") else None
+                    outcome = getattr(code, "name", "error")
+                    raise
+                finally:
+                    self._audit(method, principal, None if req_stream else request, outcome)
+
+            return unary
+
+        return self._cache.wrap(method, handler, lambda h: wrap_handler(h, wrapper))
 
 
 class StartupGate(grpc.aio.ServerInterceptor):

@@ -19,12 +19,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from services.common.interceptors import BearerTokenInterceptor, ErrorMappingInterceptor, StartupGate
+from services.common.interceptors import (
+    BearerTokenInterceptor,
+    ErrorMappingInterceptor,
+    ScopedAuthInterceptor,
+    StartupGate,
+)
 from services.common.log import configure_logging, get_logger
 from services.common.memory import return_large_frees_to_the_os
 from services.common.metrics import MetricsInterceptor, start_metrics_server
 from services.common.security import server_credentials
 from services.common.settings import ServerSettings
+from services.common.tokens import TokenRegistry
 
 log = get_logger(__name__)
 
@@ -65,6 +71,10 @@ class GrpcApp:
     readiness: Callable[[], Awaitable[bool | Mapping[str, bool]]] = _always_ready
     readiness_interval_s: float = 1.0
     request_decoders: Mapping[str, Callable[[bytes], Any]] = field(default_factory=dict)
+    # Full method name -> scope it needs with scoped tokens (others: "search"), and the
+    # methods whose every call is audited (see `ScopedAuthInterceptor`).
+    method_scopes: Mapping[str, str] = field(default_factory=dict)
+    audited_methods: Sequence[str] = ()
 
 
 @dataclass
@@ -131,7 +141,11 @@ async def _watch_readiness(running: RunningServer) -> None:
 async def start_server(settings: ServerSettings, app: GrpcApp) -> RunningServer:
     """Starts serving; returns once `on_start` finished and health says SERVING."""
     interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor()]
-    if settings.auth_tokens:
+    if settings.auth_token_file is not None:
+        registry = TokenRegistry(settings.auth_token_file, [t.get_secret_value() for t in settings.auth_tokens])
+        interceptors.append(ScopedAuthInterceptor(registry, app.method_scopes, app.audited_methods,
+                                                  settings.tenant_metrics))
+    elif settings.auth_tokens:
         interceptors.append(BearerTokenInterceptor(settings.auth_tokens))
     gate = StartupGate(app.name)  # UNAVAILABLE until on_start has finished
     interceptors += [gate, ErrorMappingInterceptor(app.request_decoders)]

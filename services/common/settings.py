@@ -112,6 +112,13 @@ class ServerSettings(BaseSettings):
     # Bearer tokens accepted by the auth interceptor; empty disables auth. Comma separated
     # in the environment (e.g. from a Kubernetes secret), compared in constant time.
     auth_tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    # Scoped tokens (tenant + scopes, SHA-256 hashes only) and mTLS client identities from a
+    # YAML / JSON file, re-read within a second of a change (services/common/tokens.py,
+    # docs/security.md). Set: every call needs a token from it or from `auth_tokens`.
+    auth_token_file: Path | None = None
+    # Per-tenant call counts (mmsearch_tenant_calls_total{tenant}): one series per tenant,
+    # so off by default (label cardinality).
+    tenant_metrics: bool = False
     images: ImageLimits = Field(default_factory=ImageLimits)
     uris: UriSettings = Field(default_factory=UriSettings)
 

@@ -22,7 +22,15 @@ from services.search.upstreams import CaptionerClient, EmbedderClient, EmbedderI
 
 log = get_logger(__name__)
 
-_INGEST_METHOD = f"/{search_pb2.DESCRIPTOR.services_by_name['Search'].full_name}/Ingest"
+_SERVICE = search_pb2.DESCRIPTOR.services_by_name["Search"].full_name
+_INGEST_METHOD = f"/{_SERVICE}/Ingest"
+# The scope each RPC needs with scoped tokens (SEARCH_AUTH_TOKEN_FILE; docs/security.md).
+METHOD_SCOPES = {
+    **{f"/{_SERVICE}/{m}": "search" for m in ("Search", "SearchAll", "Get", "Stats")},
+    **{f"/{_SERVICE}/{m}": "ingest" for m in ("Ingest", "Backfill")},
+    f"/{_SERVICE}/Delete": "delete",
+}
+AUDITED_METHODS = (f"/{_SERVICE}/Delete", f"/{_SERVICE}/Backfill")
 
 
 # Health names besides "" / the service name (docs/operations.md, "Health"). The overall
@@ -170,4 +178,6 @@ class SearchService:
             readiness=self.ready,
             # One item with invalid UTF-8 fails alone instead of ending the Ingest call.
             request_decoders={_INGEST_METHOD: decode_ingest_request},
+            method_scopes=METHOD_SCOPES,
+            audited_methods=AUDITED_METHODS,
         )

@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from services.common import principal
 from services.common.convert import TextContent
 from services.common.errors import FailedPrecondition, InvalidInput, ServiceError, Unavailable
 from services.common.intake import ImageIntake, ImageRef
@@ -89,14 +90,16 @@ class Backfiller:
         self.intake = intake
         self.model_id = model_id
         self.pending_images = pending_images
-        self._running = asyncio.Lock()
+        # One backfill at a time per tenant (a tenant never waits on, or learns of, another's).
+        self._running: dict[str, asyncio.Lock] = {}
 
     async def run(self, max_items: int = 0, max_items_per_s: float = 0.0) -> AsyncIterator[
             tuple[list[BackfillOutcome], BackfillProgress]]:
         """Yields (outcomes of one chunk, running totals); first ([], totals) with the snapshot size."""
-        if self._running.locked():
+        running = self._running.setdefault(principal.current().tenant, asyncio.Lock())
+        if running.locked():
             raise Aborted("a backfill is already running on this server; run one at a time")
-        async with self._running:
+        async with running:
             if not self.model_id():
                 raise Unavailable("embedder: not bound to the collection yet; backfill needs it")
             await self.store.require()

@@ -293,7 +293,7 @@ class SearchEngine:
                                    f"(indexed numeric: {numeric or 'none'})")
             decay = DecaySpec(d.function, column, origin, d.scale, d.offset, d.decay)
         if q.like_id:  # the item itself is never a hit
-            own = f'id != "{q.like_id}"'  # check_id allows no quotes or backslashes
+            own = f'id != "{self.store.stored_key(q.like_id)}"'  # check_id allows no quotes or backslashes
             expr = f"({expr}) and {own}" if expr else own
         fields = [F.OUTPUT_FIELDS[n] for n in names if n != F.CAPTION_PENDING or self.store.pending_supported]
         return SearchOptions(expr, fields, q.min_score, group_by, decay)

@@ -27,3 +27,12 @@ CAPTION_PENDING = "caption_pending"
 KEYWORD_TEXT = "keyword_text"
 KEYWORD_SPARSE = "keyword_sparse"
 MAX_KEYWORD_TEXT_CHARS = 8192
+# The tenant an item belongs to: a partition-key VARCHAR (each tenant's searches scan only
+# its partitions). The server sets and filters it; caller filters may not name it. Absent
+# from collections made before tenants (those serve the default tenant only).
+TENANT = "tenant"
+MAX_TENANT_CHARS = 64
+# Stored primary key of a non-default tenant's item: "<tenant>~<id>" ("~" is outside the
+# id alphabet, so keys never collide); the default tenant's items keep the plain id.
+TENANT_KEY_SEPARATOR = "~"
+MAX_KEY_CHARS = MAX_ID_CHARS + MAX_TENANT_CHARS + 1

@@ -21,6 +21,7 @@ import numpy as np
 from pymilvus import AnnSearchRequest, DataType, Function, FunctionType, MilvusClient, RRFRanker, WeightedRanker
 from pymilvus.exceptions import MilvusException, MilvusUnavailableException
 
+from services.common import principal
 from services.common.errors import FailedPrecondition, InvalidInput, Unavailable
 from services.search import fields as F
 from services.search.metrics import MILVUS_SECONDS
@@ -49,6 +50,70 @@ class CollectionInfo:
     has_keyword: bool = False
     # Typed metadata columns: name -> "string" | "int" | "float" | "bool".
     indexed_fields: dict[str, str] = field(default_factory=dict)
+    # A `tenant` partition-key field; absent from collections created before tenants
+    # (those serve the default tenant only).
+    has_tenant: bool = False
+
+
+@dataclass(frozen=True)
+class Tenancy:
+    """The caller's tenant on this collection: how its ids are stored and its rows found.
+
+    The default tenant keeps plain ids (existing data and filters on `id` work as before);
+    another tenant's item is stored under "<tenant>~<id>". Every read and write goes
+    through `key` / `unkey` / `scope` / `owns`, so no code path sees another tenant's row.
+    """
+
+    tenant: str
+    enforced: bool  # the collection has the tenant field
+
+    @property
+    def plain(self) -> bool:
+        return self.tenant == principal.DEFAULT_TENANT
+
+    def key(self, item_id: str) -> str:
+        return item_id if self.plain else f"{self.tenant}{F.TENANT_KEY_SEPARATOR}{item_id}"
+
+    def keys(self, ids: Sequence[str]) -> list[str]:
+        return [self.key(i) for i in ids]
+
+    def unkey(self, key: str) -> str:
+        if self.plain:
+            return key
+        prefix = f"{self.tenant}{F.TENANT_KEY_SEPARATOR}"
+        return key[len(prefix):] if key.startswith(prefix) else key
+
+    def scope(self, expr: str) -> str:
+        """`expr` confined to this tenant. The caller's expression was checked first
+        (validation.check_filter: balanced parentheses outside literals, no `tenant`)."""
+        if not self.enforced:
+            return expr
+        own = f'{F.TENANT} == "{self.tenant}"'
+        return f"{own} and ({expr})" if expr else own
+
+    def owns(self, row: dict[str, Any], key: str | None = None) -> bool:
+        """Defence in depth: a row Milvus returned really is this tenant's."""
+        if self.enforced and row.get(F.TENANT) != self.tenant:
+            return False
+        key = row.get("id") if key is None else key
+        if key is None:
+            return True
+        if self.plain:
+            return F.TENANT_KEY_SEPARATOR not in key
+        return key.startswith(f"{self.tenant}{F.TENANT_KEY_SEPARATOR}")
+
+    def fields(self, names: Sequence[str]) -> list[str]:
+        return [*names, F.TENANT] if self.enforced and F.TENANT not in names else list(names)
+
+    def rows(self, rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Milvus rows -> {caller's id: row with the caller's id, without `tenant`}."""
+        out: dict[str, dict[str, Any]] = {}
+        for r in rows:
+            if not self.owns(r):
+                continue
+            item_id = self.unkey(r["id"])
+            out[item_id] = {**{k: v for k, v in r.items() if k != F.TENANT}, "id": item_id}
+        return out
 
 
 @dataclass(frozen=True)
@@ -283,7 +348,7 @@ class MilvusStore:
         dim = props.get(PROP_DIM)
         return CollectionInfo(str(props.get(PROP_MODEL) or ""), int(dim) if str(dim or "").isdigit() else 0,
                               F.CAPTION_PENDING in names, F.KEYWORD_SPARSE in names,
-                              parse_indexed(str(props.get(PROP_INDEXED) or "")))
+                              parse_indexed(str(props.get(PROP_INDEXED) or "")), F.TENANT in names)
 
     async def describe(self) -> CollectionInfo | None:
         """The collection's model, dimension and fields; None while it does not exist."""
@@ -303,6 +368,23 @@ class MilvusStore:
                 "answers (its model and dimension define it)"
             )
         return info
+
+    async def tenancy(self) -> Tenancy:
+        """The calling tenant on this collection (FAILED_PRECONDITION for a non-default
+        tenant on a collection created before tenants)."""
+        info = await self.require()
+        tenant = principal.current().tenant
+        if not info.has_tenant and tenant != principal.DEFAULT_TENANT:
+            raise FailedPrecondition(
+                f"collection {self.collection!r} was created before tenants (no {F.TENANT!r} field) and serves the "
+                f"default tenant only, not {tenant!r}. To migrate: set SEARCH_COLLECTION to a new name (it is created "
+                "with the tenant field), re-ingest each tenant's images with that tenant's token (ingest is "
+                "idempotent), then drop the old collection.")
+        return Tenancy(tenant, info.has_tenant)
+
+    def stored_key(self, item_id: str) -> str:
+        """The primary key the calling tenant's item `item_id` is stored under."""
+        return Tenancy(principal.current().tenant, True).key(item_id)
 
     @property
     def pending_supported(self) -> bool:
@@ -336,7 +418,10 @@ class MilvusStore:
                 c.load_collection(self.collection)
                 return
             schema = c.create_schema(auto_id=False, enable_dynamic_field=False)
-            schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=F.MAX_ID_CHARS)
+            # "<tenant>~<id>" for a non-default tenant's item (see `Tenancy`).
+            schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=F.MAX_KEY_CHARS)
+            # Partition key: one tenant's searches and queries scan only its partitions.
+            schema.add_field(F.TENANT, DataType.VARCHAR, max_length=F.MAX_TENANT_CHARS, is_partition_key=True)
             schema.add_field("content_sha256", DataType.VARCHAR, max_length=64)
             schema.add_field("fingerprint", DataType.VARCHAR, max_length=64)
             schema.add_field("uri", DataType.VARCHAR, max_length=F.MAX_URI_CHARS)
@@ -410,9 +495,10 @@ class MilvusStore:
         """id -> stored fingerprint, for the ids that exist."""
         if not ids:
             return {}
-        await self.require()
-        rows = await self._call("get", lambda c: c.get(self.collection, ids=list(ids), output_fields=["fingerprint"]))
-        return {r["id"]: r["fingerprint"] for r in rows}
+        t = await self.tenancy()
+        keys, fields = t.keys(ids), t.fields(["fingerprint"])
+        rows = await self._call("get", lambda c: c.get(self.collection, ids=keys, output_fields=fields))
+        return {i: r["fingerprint"] for i, r in t.rows(rows).items()}
 
     def indexed_values(self, metadata: dict[str, Any]) -> dict[str, Any]:
         """The typed columns of one item (null where a key is missing); InvalidInput names
@@ -430,7 +516,7 @@ class MilvusStore:
         return out
 
     async def upsert(self, rows: Sequence[StoredRow]) -> None:
-        await self.require()
+        t = await self.tenancy()
         info = self.info
         assert info is not None
         pending = self.pending_supported
@@ -439,7 +525,7 @@ class MilvusStore:
                 f"collection {self.collection!r} predates deferred captions (no {F.CAPTION_PENDING} field)")
         data = [
             {
-                "id": r.id, "content_sha256": r.content_sha256, "fingerprint": r.fingerprint, "uri": r.uri,
+                "id": t.key(r.id), **({F.TENANT: t.tenant} if t.enforced else {}), "content_sha256": r.content_sha256, "fingerprint": r.fingerprint, "uri": r.uri,
                 "caption": r.caption, "keywords": r.keywords, "metadata": r.metadata,
                 "embedder_model_id": r.embedder_model_id, "captioner_model_id": r.captioner_model_id,
                 "ingested_at_ms": r.ingested_at_ms,
@@ -455,19 +541,20 @@ class MilvusStore:
     async def pending_ids(self, limit: int) -> list[str]:
         """Ids of rows whose caption is pending (at most `limit`), sorted: a backfill's
         snapshot of its work."""
+        t = await self.tenancy()
         if not self.pending_supported:
             return []
+        expr, fields = t.scope(f"{F.CAPTION_PENDING} == true"), t.fields(["id"])
 
         def run(c: MilvusClient) -> list[str]:
-            it = c.query_iterator(self.collection, batch_size=1000, filter=f"{F.CAPTION_PENDING} == true",
-                                  output_fields=["id"])
+            it = c.query_iterator(self.collection, batch_size=1000, filter=expr, output_fields=fields)
             ids: list[str] = []
             try:
                 while len(ids) < limit:
                     batch = it.next()
                     if not batch:
                         break
-                    ids += [r["id"] for r in batch]
+                    ids += list(t.rows(batch))
             finally:
                 it.close()
             return sorted(ids)[:limit]
@@ -476,44 +563,52 @@ class MilvusStore:
 
     async def rows_with_image_vector(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         """Stored rows with their image vector (a backfill keeps it as stored)."""
-        fields = [*self.scalar_fields(), F.IMAGE_VECTOR]
-        rows = await self._call("get", lambda c: c.get(self.collection, ids=list(ids), output_fields=fields))
-        return {r["id"]: r for r in rows}
+        t = await self.tenancy()
+        keys, fields = t.keys(ids), t.fields([*self.scalar_fields(), F.IMAGE_VECTOR])
+        rows = await self._call("get", lambda c: c.get(self.collection, ids=keys, output_fields=fields))
+        return t.rows(rows)
 
     async def count_pending(self) -> int:
+        t = await self.tenancy()
         if not self.pending_supported:
             return 0
-        rows = await self._call("count", lambda c: c.query(
-            self.collection, filter=f"{F.CAPTION_PENDING} == true", output_fields=["count(*)"]))
+        expr = t.scope(f"{F.CAPTION_PENDING} == true")
+        rows = await self._call("count", lambda c: c.query(self.collection, filter=expr, output_fields=["count(*)"]))
         return int(rows[0]["count(*)"])
 
     async def delete(self, ids: Sequence[str]) -> int:
-        existing = await self.fingerprints(ids)
+        t = await self.tenancy()
+        existing = await self.fingerprints(ids)  # this tenant's only: another's id is "missing"
         if existing:
-            await self._call("delete", lambda c: c.delete(self.collection, ids=list(existing)))
+            keys = t.keys(list(existing))
+            await self._call("delete", lambda c: c.delete(self.collection, ids=keys))
         return len(existing)
 
     # --- reads --------------------------------------------------------------------------
 
     async def get(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-        await self.require()
-        fields = self.scalar_fields()
-        rows = await self._call("get", lambda c: c.get(self.collection, ids=list(ids), output_fields=fields))
-        return {r["id"]: r for r in rows}
+        t = await self.tenancy()
+        keys, fields = t.keys(ids), t.fields(self.scalar_fields())
+        rows = await self._call("get", lambda c: c.get(self.collection, ids=keys, output_fields=fields))
+        return t.rows(rows)
 
     async def count(self) -> int:
-        await self.require()
-        rows = await self._call("count", lambda c: c.query(self.collection, filter="", output_fields=["count(*)"]))
+        """The calling tenant's items."""
+        t = await self.tenancy()
+        expr = t.scope("")
+        rows = await self._call("count", lambda c: c.query(self.collection, filter=expr, output_fields=["count(*)"]))
         return int(rows[0]["count(*)"])
 
     async def stored_vectors(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         """Stored vectors (and keyword text, pending mark) of items: "more like this" and
         stored-id examples query with them."""
         info = await self.require()
-        fields = [F.IMAGE_VECTOR, F.CAPTION_VECTOR, *([F.KEYWORD_TEXT] if info.has_keyword else []),
-                  *([F.CAPTION_PENDING] if info.has_caption_pending else [])]
-        rows = await self._call("get", lambda c: c.get(self.collection, ids=list(ids), output_fields=fields))
-        return {r["id"]: r for r in rows}
+        t = await self.tenancy()
+        fields = t.fields([F.IMAGE_VECTOR, F.CAPTION_VECTOR, *([F.KEYWORD_TEXT] if info.has_keyword else []),
+                           *([F.CAPTION_PENDING] if info.has_caption_pending else [])])
+        keys = t.keys(ids)
+        rows = await self._call("get", lambda c: c.get(self.collection, ids=keys, output_fields=fields))
+        return t.rows(rows)
 
     def _leg_filter(self, leg_field: str, filter_expr: str) -> str:
         # Pending rows have no real caption (no caption vector, empty keyword text).
@@ -533,11 +628,15 @@ class MilvusStore:
                 params["params"] = {**params["params"], "radius": min_score - 1e-6}
         return params
 
-    def _hits(self, result: Any, leg_field: str | None) -> list[RawHit]:
-        """Raw Milvus hits as similarities ("higher is better"); `leg_field` None: fused."""
+    def _hits(self, result: Any, leg_field: str | None, t: Tenancy) -> list[RawHit]:
+        """Raw Milvus hits as similarities ("higher is better"); `leg_field` None: fused.
+        Only the caller's tenant's hits, under the caller's ids (defence in depth: the
+        filter already confined the search)."""
         def score(d: float) -> float:
             return self._similarity(d) if leg_field in (F.IMAGE_VECTOR, F.CAPTION_VECTOR) else float(d)
-        return [RawHit(h["id"], score(h["distance"]), h.get("entity", {})) for h in result[0]]
+        return [RawHit(t.unkey(h["id"]), score(h["distance"]),
+                       {k: v for k, v in (h.get("entity") or {}).items() if k != F.TENANT})
+                for h in result[0] if t.owns(h.get("entity") or {}, h["id"])]
 
     @staticmethod
     def _ranker(decay: DecaySpec) -> Function:
@@ -549,8 +648,9 @@ class MilvusStore:
 
     async def search(self, leg: LegQuery, top_k: int, offset: int, opts: SearchOptions) -> list[RawHit]:
         """One leg: a dense field with a vector, or the keyword field with text."""
-        await self.require()
-        expr = self._leg_filter(leg.field, opts.filter)
+        t = await self.tenancy()
+        expr = self._leg_filter(leg.field, t.scope(opts.filter))
+        output_fields = t.fields(opts.output_fields)
         # A decayed score is not the similarity: then the threshold is only a post-filter.
         ranged = opts.min_score if opts.decay is None and opts.group_by is None else None
         kwargs: dict[str, Any] = {}
@@ -562,11 +662,11 @@ class MilvusStore:
         def run(c: MilvusClient) -> Any:
             return c.search(
                 self.collection, data=[leg.data], anns_field=leg.field, limit=top_k, offset=offset, filter=expr,
-                output_fields=opts.output_fields, search_params=self._leg_params(leg.field, offset + top_k, ranged),
+                output_fields=output_fields, search_params=self._leg_params(leg.field, offset + top_k, ranged),
                 **kwargs,
             )
 
-        hits = self._hits(await self._call("search", run, opts.filter), None if opts.decay else leg.field)
+        hits = self._hits(await self._call("search", run, opts.filter), None if opts.decay else leg.field, t)
         return _at_least(hits, opts.min_score)
 
     async def hybrid_search(
@@ -575,20 +675,21 @@ class MilvusStore:
         """Searches each leg and fuses them in Milvus (RRF, or weighted by each leg's weight)."""
         window = offset + top_k
         candidates = max(window, self.settings.hybrid_candidates)
-        await self.require()
+        t = await self.tenancy()
+        scoped, output_fields = t.scope(opts.filter), t.fields(opts.output_fields)
         kwargs: dict[str, Any] = {}
         if opts.group_by is not None:
             kwargs.update(group_by_field=opts.group_by[0], group_size=opts.group_by[1])
 
         def run(c: MilvusClient) -> Any:
             reqs = [AnnSearchRequest([leg.data], leg.field, self._leg_params(leg.field, candidates), limit=candidates,
-                                     expr=self._leg_filter(leg.field, opts.filter) or None) for leg in legs]
+                                     expr=self._leg_filter(leg.field, scoped) or None) for leg in legs]
             ranker = WeightedRanker(*(leg.weight for leg in legs)) if weighted else RRFRanker(rrf_k)
-            return c.hybrid_search(self.collection, reqs, ranker, limit=window, output_fields=opts.output_fields,
+            return c.hybrid_search(self.collection, reqs, ranker, limit=window, output_fields=output_fields,
                                    **kwargs)
 
         # Fused scores are already "higher is better"; pagination is applied on the fused list.
-        hits = self._hits(await self._call("hybrid_search", run, opts.filter), None)[offset:]
+        hits = self._hits(await self._call("hybrid_search", run, opts.filter), None, t)[offset:]
         return _at_least(hits, opts.min_score)
 
     async def iterate(self, leg: LegQuery, opts: SearchOptions, batch_size: int, limit: int) -> AsyncIterator[
@@ -606,17 +707,21 @@ class MilvusStore:
         if leg.field == F.KEYWORD_SPARSE:
             raise InvalidInput("SearchAll ranks by a vector (IMAGE or CAPTION target); the keyword leg pages only "
                                "within Search's window")
-        await self.require()
-        expr = self._leg_filter(leg.field, opts.filter) or 'id != ""'
+        t = await self.tenancy()
+        expr = self._leg_filter(leg.field, t.scope(opts.filter)) or 'id != ""'
+        scan_fields = t.fields(["id", leg.field])
         query = np.asarray(leg.data, dtype=np.float32)
         cap = self.settings.max_export_rows
 
         def scan(c: MilvusClient) -> tuple[list[str], np.ndarray]:
-            it = c.query_iterator(self.collection, batch_size=2000, filter=expr, output_fields=["id", leg.field])
-            ids: list[str] = []
+            it = c.query_iterator(self.collection, batch_size=2000, filter=expr, output_fields=scan_fields)
+            ids: list[str] = []  # stored keys
             parts: list[np.ndarray] = []
             try:
                 while batch := it.next():
+                    batch = [r for r in batch if t.owns(r)]
+                    if not batch:
+                        continue
                     ids += [r["id"] for r in batch]
                     parts.append(self._scores(query, np.asarray([r[leg.field] for r in batch], dtype=np.float32)))
                     if len(ids) > cap:
@@ -636,11 +741,11 @@ class MilvusStore:
             order = order[:limit]
         for start in range(0, len(order), batch_size):
             chunk = [ids[i] for i in order[start : start + batch_size]]
-            fields = opts.output_fields
+            fields = t.fields(opts.output_fields or ["id"])
             rows = await self._call("get", lambda c, chunk=chunk: c.get(
-                self.collection, ids=chunk, output_fields=fields or ["id"]))
-            by_id = {r["id"]: r for r in rows}
-            yield [RawHit(i, float(scores[j]), {k: v for k, v in by_id[i].items() if k != "id"})
+                self.collection, ids=chunk, output_fields=fields))
+            by_id = {r["id"]: r for r in rows if t.owns(r)}
+            yield [RawHit(t.unkey(i), float(scores[j]), {k: v for k, v in by_id[i].items() if k not in ("id", F.TENANT)})
                    for i, j in zip(chunk, order[start : start + batch_size], strict=True) if i in by_id]
 
     def _scores(self, query: np.ndarray, vectors: np.ndarray) -> np.ndarray:

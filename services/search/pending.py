@@ -16,6 +16,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from services.common import principal
 from services.common.log import get_logger
 
 log = get_logger(__name__)
@@ -26,7 +27,10 @@ class PendingImages:
         self.folder = folder
 
     def _path(self, item_id: str) -> Path:
-        return self.folder / f"{hashlib.sha256(item_id.encode()).hexdigest()}.img"
+        # Named by the calling tenant's stored key: the same id in two tenants is two files.
+        tenant = principal.current().tenant
+        key = item_id if tenant == principal.DEFAULT_TENANT else f"{tenant}~{item_id}"
+        return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()}.img"
 
     def _put(self, items: Sequence[tuple[str, bytes]]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)

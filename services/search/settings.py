@@ -15,7 +15,7 @@ INDEXED_TYPES = {"string", "int", "float", "bool"}
 RESERVED_FIELDS = {
     "id", "content_sha256", "fingerprint", "uri", "caption", "keywords", "metadata", "embedder_model_id",
     "captioner_model_id", "ingested_at_ms", "ingested_at", "caption_pending", "image_vector", "caption_vector",
-    "keyword_text", "keyword_sparse",
+    "keyword_text", "keyword_sparse", "tenant",
 }
 
 

@@ -56,7 +56,49 @@ def check_filter(expr: str, max_chars: int) -> str:
         raise InvalidInput(f"filter is {len(expr)} characters, more than the limit of {max_chars}")
     if any(ord(ch) < 32 and ch not in "\t\n\r" for ch in expr):
         raise InvalidInput("filter contains control characters")
+    check_filter_structure(expr)
     return expr.strip()
+
+
+_CLOSERS = {")": "(", "]": "["}
+_RESERVED_IN_FILTERS = {"tenant"}
+
+
+def check_filter_structure(expr: str) -> None:
+    """The server wraps a caller's filter as `tenant == "<t>" and (<filter>)`: that holds
+    only if the filter cannot close the parenthesis. So: string literals ('...' or "...",
+    backslash escapes) must end, and outside them parentheses and brackets must nest
+    properly and all close; the `tenant` field may not be named at all (the server owns
+    it; `metadata["tenant"]` is a metadata key and fine)."""
+    stack: list[str] = []
+    i, n = 0, len(expr)
+    while i < n:
+        ch = expr[i]
+        if ch in "\"'":
+            j = i + 1
+            while j < n and expr[j] != ch:
+                j += 2 if expr[j] == "\\" else 1
+            if j >= n:
+                raise InvalidInput(f"filter has an unterminated string literal starting at character {i}")
+            i = j + 1
+            continue
+        if ch in "([":
+            stack.append(ch)
+        elif ch in _CLOSERS:
+            if not stack or stack.pop() != _CLOSERS[ch]:
+                raise InvalidInput(f"filter closes {ch!r} at character {i} that was never opened")
+        elif ch.isalpha() or ch == "_":
+            j = i
+            while j < n and (expr[j].isalnum() or expr[j] == "_"):
+                j += 1
+            if expr[i:j].lower() in _RESERVED_IN_FILTERS:
+                raise InvalidInput(f"filter may not name the {expr[i:j]!r} field: the server confines every call to "
+                                   "the caller's tenant")
+            i = j
+            continue
+        i += 1
+    if stack:
+        raise InvalidInput(f"filter leaves {len(stack)} parenthesis/bracket(s) open")
 
 
 def check_vector(values: list[float] | np.ndarray, dimension: int) -> np.ndarray:
