@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -62,14 +63,44 @@ async def _serving(channel: grpc.aio.Channel, timeout_s: float) -> bool:
     return await _health(channel, timeout_s) is True
 
 
-class EmbedderClient:
-    _stub_type = embedder_pb2_grpc.EmbedderStub
-    def __init__(self, settings: SearchSettings) -> None:
+class _UpstreamClient:
+    """A channel to one upstream service (rebuilt when its TLS files change) and its stub."""
+
+    _stub_type: Any
+
+    def __init__(self, settings: SearchSettings, target: str) -> None:
         self._rc = ReloadingChannel(
-            settings.embedder_target, settings.upstream_tls, settings.max_send_message_bytes, settings.upstream_attempts
+            target, settings.upstream_tls, settings.max_send_message_bytes, settings.upstream_attempts
         )
-        self._stub = embedder_pb2_grpc.EmbedderStub(self._channel)
+        self._stub = self._stub_type(self._channel)
         self._timeout_s = settings.upstream_timeout_s
+
+    async def serving(self) -> bool:
+        return await _serving(self._channel, 2.0)
+
+    async def health(self) -> bool | None:
+        return await _health(self._channel, 2.0)
+
+    @property
+    def _channel(self) -> grpc.aio.Channel:
+        return self._rc.channel
+
+    def reload_tls(self) -> bool:
+        """New connections use renewed certificate files (calls in flight keep theirs)."""
+        if not self._rc.reload_if_changed():
+            return False
+        self._stub = self._stub_type(self._rc.channel)
+        return True
+
+    async def close(self) -> None:
+        await self._rc.close()
+
+
+class EmbedderClient(_UpstreamClient):
+    _stub_type = embedder_pb2_grpc.EmbedderStub
+
+    def __init__(self, settings: SearchSettings) -> None:
+        super().__init__(settings, settings.embedder_target)
 
     async def info(self) -> EmbedderInfo:
         try:
@@ -94,35 +125,13 @@ class EmbedderClient:
         vectors = np.array([e.values for e in reply.embeddings], dtype=np.float32)
         return vectors, reply.model_id
 
-    async def serving(self) -> bool:
-        return await _serving(self._channel, 2.0)
-
-    async def health(self) -> bool | None:
-        return await _health(self._channel, 2.0)
-
-    @property
-    def _channel(self) -> grpc.aio.Channel:
-        return self._rc.channel
-
-    def reload_tls(self) -> bool:
-        """New connections use renewed certificate files (calls in flight keep theirs)."""
-        if not self._rc.reload_if_changed():
-            return False
-        self._stub = self._stub_type(self._rc.channel)
-        return True
-
-    async def close(self) -> None:
-        await self._rc.close()
 
 
-class CaptionerClient:
+class CaptionerClient(_UpstreamClient):
     _stub_type = captioner_pb2_grpc.CaptionerStub
+
     def __init__(self, settings: SearchSettings) -> None:
-        self._rc = ReloadingChannel(
-            settings.captioner_target, settings.upstream_tls, settings.max_send_message_bytes, settings.upstream_attempts
-        )
-        self._stub = captioner_pb2_grpc.CaptionerStub(self._channel)
-        self._timeout_s = settings.upstream_timeout_s
+        super().__init__(settings, settings.captioner_target)
 
     async def caption(self, image_bytes: bytes, timeout_s: float | None = None) -> CaptionResult:
         try:
@@ -141,22 +150,3 @@ class CaptionerClient:
         except grpc.aio.AioRpcError:
             return ""
 
-    async def serving(self) -> bool:
-        return await _serving(self._channel, 2.0)
-
-    async def health(self) -> bool | None:
-        return await _health(self._channel, 2.0)
-
-    @property
-    def _channel(self) -> grpc.aio.Channel:
-        return self._rc.channel
-
-    def reload_tls(self) -> bool:
-        """New connections use renewed certificate files (calls in flight keep theirs)."""
-        if not self._rc.reload_if_changed():
-            return False
-        self._stub = self._stub_type(self._rc.channel)
-        return True
-
-    async def close(self) -> None:
-        await self._rc.close()

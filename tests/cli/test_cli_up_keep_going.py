@@ -28,6 +28,7 @@ from tests.captioner.fakes import FakeUpstream
 from tests.cli.launcher_support import ROOT, alive, wait_gone
 from tests.conftest import free_port, png_bytes
 from tests.embedder.dashscope_fake import FakeDashScope
+from tests.reliability.helpers import dashscope_fakes
 
 KEY = "sk-keep-going-test-key"
 runner = CliRunner()
@@ -35,13 +36,8 @@ runner = CliRunner()
 
 @pytest.fixture
 def fakes() -> Iterator[tuple[FakeUpstream, FakeDashScope]]:
-    captioner = FakeUpstream(protocol="dashscope", api_key=KEY).start()
-    embedder = FakeDashScope(api_key=KEY, dimension=64).start()
-    try:
-        yield captioner, embedder
-    finally:
-        captioner.stop()
-        embedder.stop()
+    with dashscope_fakes(KEY, 64) as pair:
+        yield pair
 
 
 def start_up(fakes: tuple[FakeUpstream, FakeDashScope], data_dir: Path, *extra: str) -> tuple[

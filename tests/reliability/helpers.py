@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -238,3 +238,18 @@ class ServiceProcess:
 
     def tail(self, n: int = 40) -> str:
         return "\n".join(self.log().splitlines()[-n:])
+
+
+@contextlib.contextmanager
+def dashscope_fakes(key: str, dimension: int = 64) -> Iterator[tuple[Any, Any]]:
+    """The captioner's and the embedder's DashScope-protocol fakes, started and stopped."""
+    from tests.captioner.fakes import FakeUpstream
+    from tests.embedder.dashscope_fake import FakeDashScope
+
+    captioner = FakeUpstream(protocol="dashscope", api_key=key).start()
+    embedder = FakeDashScope(api_key=key, dimension=dimension).start()
+    try:
+        yield captioner, embedder
+    finally:
+        captioner.stop()
+        embedder.stop()

@@ -39,12 +39,14 @@ from tests.reliability.helpers import (
     NOT_SERVING,
     SERVING,
     ServiceProcess,
+    dashscope_fakes,
     distinct_images,
     health_of,
     ingest_all,
     items_of,
     start_search,
 )
+from tests.search.conftest import create_legacy_collection
 
 KEY = "sk-degraded-test-key"
 runner = CliRunner()
@@ -53,13 +55,8 @@ DIM = 64
 
 @pytest.fixture
 def fakes() -> Iterator[tuple[FakeUpstream, FakeDashScope]]:
-    captioner = FakeUpstream(protocol="dashscope", api_key=KEY).start()
-    embedder = FakeDashScope(api_key=KEY, dimension=DIM).start()
-    try:
-        yield captioner, embedder
-    finally:
-        captioner.stop()
-        embedder.stop()
+    with dashscope_fakes(KEY, DIM) as pair:
+        yield pair
 
 
 def upstreams(fakes: tuple[FakeUpstream, FakeDashScope], logs: Path) -> tuple[ServiceProcess, ServiceProcess]:
@@ -328,37 +325,11 @@ async def test_captioner_killed_search_serves_ingest_defers_then_backfill_captio
         embedder.stop(), captioner.stop()
 
 
-def create_pre_deferral_collection(uri: str, name: str) -> None:
-    """The schema search created before deferred captions (no caption_pending field: Milvus
-    Lite cannot add one to an existing collection)."""
-    from pymilvus import DataType, MilvusClient
-
-    from services.search.milvus_store import PROP_DIM, PROP_MODEL
-
-    c = MilvusClient(uri=uri)
-    schema = c.create_schema(auto_id=False, enable_dynamic_field=False)
-    schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=256)
-    for field, length in (("content_sha256", 64), ("fingerprint", 64), ("uri", 2048), ("caption", 4096),
-                          ("embedder_model_id", 256), ("captioner_model_id", 256)):
-        schema.add_field(field, DataType.VARCHAR, max_length=length)
-    schema.add_field("keywords", DataType.ARRAY, element_type=DataType.VARCHAR, max_capacity=32, max_length=128)
-    schema.add_field("metadata", DataType.JSON)
-    schema.add_field("ingested_at_ms", DataType.INT64)
-    schema.add_field("image_vector", DataType.FLOAT_VECTOR, dim=DIM)
-    schema.add_field("caption_vector", DataType.FLOAT_VECTOR, dim=DIM)
-    index = c.prepare_index_params()
-    for field in ("image_vector", "caption_vector"):
-        index.add_index(field, index_type="HNSW", metric_type="COSINE", params={"M": 16, "efConstruction": 200})
-    c.create_collection(name, schema=schema, index_params=index,
-                        properties={PROP_MODEL: "dashscope:multimodal-embedding-v1", PROP_DIM: str(DIM)})
-    c.close()
-
-
 async def test_a_collection_made_before_deferred_captions_keeps_working(
         fakes: tuple[FakeUpstream, FakeDashScope], milvus_server: MilvusLiteServer, tmp_path: Path) -> None:
     """No caption_pending field: everything works as before, rows read as not pending, and
     `defer` falls back to `fail` (nothing can be marked pending there)."""
-    create_pre_deferral_collection(milvus_server.uri, "pre_deferral")
+    create_legacy_collection(milvus_server.uri, "pre_deferral", "dashscope:multimodal-embedding-v1", DIM)
     embedder, captioner = upstreams(fakes, tmp_path)
     search = None
     try:

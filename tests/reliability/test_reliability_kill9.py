@@ -34,6 +34,7 @@ from tests.reliability.helpers import (
     IngestRun,
     ServiceProcess,
     chunks,
+    dashscope_fakes,
     distinct_images,
     ingest_all,
     items_of,
@@ -49,13 +50,8 @@ UNAVAILABLE, DEADLINE = grpc.StatusCode.UNAVAILABLE.value[0], grpc.StatusCode.DE
 
 @pytest.fixture
 def fakes() -> Iterator[tuple[FakeUpstream, FakeDashScope]]:
-    captioner = FakeUpstream(protocol="dashscope", api_key=KEY).start()
-    embedder = FakeDashScope(api_key=KEY, dimension=64).start()
-    try:
-        yield captioner, embedder
-    finally:
-        captioner.stop()
-        embedder.stop()
+    with dashscope_fakes(KEY, 64) as pair:
+        yield pair
 
 
 def upstream_processes(fakes: tuple[FakeUpstream, FakeDashScope], logs: Path) -> dict[str, ServiceProcess]:

@@ -24,7 +24,14 @@ from mmsearch.search.v1 import search_pb2, search_pb2_grpc
 from tests.captioner.fakes import FakeUpstream
 from tests.conftest import MilvusLiteServer
 from tests.embedder.dashscope_fake import FakeDashScope
-from tests.reliability.helpers import ServiceProcess, distinct_images, ingest_all, items_of, start_search
+from tests.reliability.helpers import (
+    ServiceProcess,
+    dashscope_fakes,
+    distinct_images,
+    ingest_all,
+    items_of,
+    start_search,
+)
 
 KEY = "sk-rollout-test-key"
 RATE_PER_S = 20
@@ -34,13 +41,8 @@ SIGTERM_AT_S = 10.0
 
 @pytest.fixture
 def fakes() -> Iterator[tuple[FakeUpstream, FakeDashScope]]:
-    captioner = FakeUpstream(protocol="dashscope", api_key=KEY).start()
-    embedder = FakeDashScope(api_key=KEY, dimension=64).start()
-    try:
-        yield captioner, embedder
-    finally:
-        captioner.stop()
-        embedder.stop()
+    with dashscope_fakes(KEY, 64) as pair:
+        yield pair
 
 
 async def test_sigterm_to_one_of_two_embedders_fails_no_search(

@@ -97,3 +97,30 @@ def image_query(data: bytes, target: int = search_pb2.TARGET_IMAGE, **kw: object
 async def channel_to(server: RunningServer) -> AsyncIterator[grpc.aio.Channel]:
     async with grpc.aio.insecure_channel(server.address) as channel:
         yield channel
+
+
+def create_legacy_collection(uri: str, name: str, model_id: str, dimension: int) -> None:
+    """A collection as search created it before deferred captions and the keyword leg (no
+    caption_pending, no keyword fields: Milvus Lite cannot add fields to an existing one)."""
+    from pymilvus import DataType, MilvusClient
+
+    from services.search.milvus_store import PROP_DIM, PROP_MODEL
+
+    client = MilvusClient(uri=uri)
+    schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=256)
+    for field, length in (("content_sha256", 64), ("fingerprint", 64), ("uri", 2048), ("caption", 4096),
+                          ("embedder_model_id", 256), ("captioner_model_id", 256)):
+        schema.add_field(field, DataType.VARCHAR, max_length=length)
+    schema.add_field("keywords", DataType.ARRAY, element_type=DataType.VARCHAR, max_capacity=32, max_length=128)
+    schema.add_field("metadata", DataType.JSON)
+    schema.add_field("ingested_at_ms", DataType.INT64)
+    schema.add_field("image_vector", DataType.FLOAT_VECTOR, dim=dimension)
+    schema.add_field("caption_vector", DataType.FLOAT_VECTOR, dim=dimension)
+    index = client.prepare_index_params()
+    for field in ("image_vector", "caption_vector"):
+        index.add_index(field, index_type="HNSW", metric_type="COSINE", params={"M": 16, "efConstruction": 200})
+    client.drop_collection(name)
+    client.create_collection(name, schema=schema, index_params=index,
+                             properties={PROP_MODEL: model_id, PROP_DIM: str(dimension)})
+    client.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import json
 import math
 import time
@@ -16,15 +17,14 @@ import numpy as np
 import pytest
 import pytest_asyncio
 from PIL import Image, ImageOps
-from pymilvus import DataType, MilvusClient
 
 from mmsearch.common.v1 import types_pb2
 from mmsearch.search.v1 import search_pb2, search_pb2_grpc
 from services.common.server import RunningServer
-from services.search.milvus_store import PROP_DIM, PROP_MODEL, MilvusStore, StoredRow
+from services.search.milvus_store import MilvusStore, StoredRow
 from services.search.settings import SearchSettings
 from tests.conftest import MilvusLiteServer
-from tests.search.conftest import Photo, start_embedder, start_search
+from tests.search.conftest import Photo, create_legacy_collection, start_embedder, start_search
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 # Codes made of the same digits: a text embedding sees nearly the same subwords in each.
@@ -304,7 +304,7 @@ async def test_search_all_streams_20000_items_in_order_without_gaps(suite: Suite
         ranks += [h.rank for h in reply.hits]
     assert len(seen) == 20_000 and len(set(seen)) == 20_000  # no gaps, no duplicates
     assert ranks == list(range(1, 20_001))
-    assert all(a >= b - 1e-5 for a, b in zip(scores, scores[1:], strict=False))  # rank order
+    assert all(a >= b - 1e-5 for a, b in itertools.pairwise(scores))  # rank order
     few = search_pb2.SearchRequest(query_vector=query.query_vector, filter='product != "bulk"')
     every = [h.id async for reply in suite.stub.SearchAll(search_pb2.SearchAllRequest(search=few)) for h in reply.hits]
     limited = [h.id async for reply in suite.stub.SearchAll(search_pb2.SearchAllRequest(search=few, limit=5,
@@ -324,24 +324,7 @@ async def test_a_collection_from_before_the_keyword_leg_says_how_to_migrate(suit
     if suite.milvus == "embedded":
         pytest.skip("one Milvus is enough for the old-collection check")
     info = await MilvusStore(SearchSettings(milvus_uri=suite.milvus_uri, collection="features")).require()
-    client = MilvusClient(uri=suite.milvus_uri)
-    schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
-    schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=256)
-    for name, size in (("content_sha256", 64), ("fingerprint", 64), ("uri", 2048), ("caption", 4096),
-                       ("embedder_model_id", 256), ("captioner_model_id", 256)):
-        schema.add_field(name, DataType.VARCHAR, max_length=size)
-    schema.add_field("keywords", DataType.ARRAY, element_type=DataType.VARCHAR, max_capacity=32, max_length=128)
-    schema.add_field("metadata", DataType.JSON)
-    schema.add_field("ingested_at_ms", DataType.INT64)
-    schema.add_field("image_vector", DataType.FLOAT_VECTOR, dim=info.dimension)
-    schema.add_field("caption_vector", DataType.FLOAT_VECTOR, dim=info.dimension)
-    index = client.prepare_index_params()
-    for name in ("image_vector", "caption_vector"):
-        index.add_index(name, index_type="FLAT", metric_type="COSINE")
-    client.drop_collection("features_old")
-    client.create_collection("features_old", schema=schema, index_params=index,
-                             properties={PROP_MODEL: info.model_id, PROP_DIM: str(info.dimension)})
-    client.close()
+    create_legacy_collection(suite.milvus_uri, "features_old", info.model_id, info.dimension)
     search = await start_search(suite.milvus_uri, suite.embedder.address, "127.0.0.1:1", collection="features_old")
     try:
         async with grpc.aio.insecure_channel(search.address) as channel:
