@@ -64,7 +64,7 @@ class TokenConfig:
 
 def _principal(entry: Any, where: str, default_name: str) -> Principal:
     if not isinstance(entry, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(entry).__name__}")
+        raise ValueError(f"{where}: expected a mapping, got {type(entry).__name__}")  # noqa: TRY004 - a bad file
     tenant = check_tenant(str(entry.get("tenant") or DEFAULT_TENANT))
     scopes = entry.get("scopes")
     if isinstance(scopes, str):
@@ -88,7 +88,7 @@ def parse_token_file(text: str) -> TokenConfig:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ValueError("the token file must be a mapping with `tokens` and/or `clients`")
+        raise ValueError("the token file must be a mapping with `tokens` and/or `clients`")  # noqa: TRY004
     by_hash: dict[str, Principal] = {}
     for i, entry in enumerate(data.get("tokens") or []):
         digest = str((entry or {}).get("sha256", "")).strip().lower() if isinstance(entry, dict) else ""

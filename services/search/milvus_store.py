@@ -80,8 +80,7 @@ class Tenancy:
     def unkey(self, key: str) -> str:
         if self.plain:
             return key
-        prefix = f"{self.tenant}{F.TENANT_KEY_SEPARATOR}"
-        return key[len(prefix):] if key.startswith(prefix) else key
+        return key.removeprefix(f"{self.tenant}{F.TENANT_KEY_SEPARATOR}")
 
     def scope(self, expr: str) -> str:
         """`expr` confined to this tenant. The caller's expression was checked first
@@ -742,7 +741,7 @@ class MilvusStore:
         for start in range(0, len(order), batch_size):
             chunk = [ids[i] for i in order[start : start + batch_size]]
             fields = t.fields(opts.output_fields or ["id"])
-            rows = await self._call("get", lambda c, chunk=chunk: c.get(
+            rows = await self._call("get", lambda c, chunk=chunk, fields=fields: c.get(
                 self.collection, ids=chunk, output_fields=fields))
             by_id = {r["id"]: r for r in rows if t.owns(r)}
             yield [RawHit(t.unkey(i), float(scores[j]), {k: v for k, v in by_id[i].items() if k not in ("id", F.TENANT)})

@@ -174,18 +174,18 @@ async def test_every_target_finds_only_the_callers_items(suite: Suite, target: i
 async def test_features_stay_inside_the_tenant(suite: Suite) -> None:
     vector = np.random.default_rng(1).normal(size=suite.dimension).astype(np.float32)
     cases = [
-        dict(query_vector=types_pb2.Embedding(values=vector.tolist())),
-        dict(query=text("a cat"), group_by=search_pb2.GroupBy(field="product", size=2)),
-        dict(query=text("a cat"), decay=search_pb2.Decay(field="ingested_at", scale=3_600_000)),
-        dict(query=text("a cat"), min_score=-1.0),
-        dict(query=text("a cat"), target=search_pb2.TARGET_HYBRID,
-             legs=[search_pb2.Leg(target=t) for t in (search_pb2.TARGET_IMAGE, search_pb2.TARGET_CAPTION,
-                                                      search_pb2.TARGET_KEYWORD)]),
-        dict(like_id="photo-cat"),
-        dict(like_id="photo-cat", target=search_pb2.TARGET_HYBRID),
-        dict(examples=[search_pb2.Example(id="photo-cat", weight=1.0), search_pb2.Example(id="photo-moon", weight=-0.5)]),
-        dict(query=text("a cat"), filter='metadata["owner"] == "beta"'),
-        dict(query=text("a cat"), offset=3, top_k=20),
+        {"query_vector": types_pb2.Embedding(values=vector.tolist())},
+        {"query": text("a cat"), "group_by": search_pb2.GroupBy(field="product", size=2)},
+        {"query": text("a cat"), "decay": search_pb2.Decay(field="ingested_at", scale=3_600_000)},
+        {"query": text("a cat"), "min_score": -1.0},
+        {"query": text("a cat"), "target": search_pb2.TARGET_HYBRID,
+             "legs": [search_pb2.Leg(target=t) for t in (search_pb2.TARGET_IMAGE, search_pb2.TARGET_CAPTION,
+                                                      search_pb2.TARGET_KEYWORD)]},
+        {"like_id": "photo-cat"},
+        {"like_id": "photo-cat", "target": search_pb2.TARGET_HYBRID},
+        {"examples": [search_pb2.Example(id="photo-cat", weight=1.0), search_pb2.Example(id="photo-moon", weight=-0.5)]},
+        {"query": text("a cat"), "filter": 'metadata["owner"] == "beta"'},
+        {"query": text("a cat"), "offset": 3, "top_k": 20},
     ]
     for kw in cases:
         hits = await search(suite, **kw)
