@@ -21,6 +21,7 @@ import grpc
 import numpy as np
 import pytest
 import pytest_asyncio
+from prometheus_client import REGISTRY
 
 from mmsearch.common.v1 import types_pb2
 from mmsearch.search.v1 import search_pb2, search_pb2_grpc
@@ -110,7 +111,8 @@ async def suite(milvus_server: MilvusLiteServer, embedder: RunningServer, photos
     # The captioner is down: items without a caption are stored pending (for Backfill).
     search = await start_search(milvus_server.uri, embedder.address, "127.0.0.1:1", collection="tenants",
                                 auth_token_file=token_file, auth_tokens=LEGACY, indexed_fields={"product": "string"},
-                                on_caption_failure="defer", hybrid_candidates=64)
+                                on_caption_failure="defer", hybrid_candidates=64,
+                                tenant_metrics=True)
     async with grpc.aio.insecure_channel(search.address) as channel:
         stub = search_pb2_grpc.SearchStub(channel)
         for tenant, token in (("alpha", "alpha-all"), ("beta", "beta-admin")):
@@ -239,6 +241,15 @@ async def test_backfill_sees_only_the_callers_pending_items(suite: Suite) -> Non
     async for reply in suite.stub.Backfill(search_pb2.BackfillRequest(), metadata=md("alpha-all"), timeout=60):
         ids += [o.id for o in reply.outcomes]
     assert ids == ["alpha-pending"]  # the captioner is down: FAILED, but only alpha's was tried
+    audit = [a for a in suite.log.audits() if a.get("method") == "Backfill"][-1]
+    assert (audit["tenant"], audit["identity"], audit["outcome"]) == ("alpha", "alpha-all", "started")
+
+
+async def test_per_tenant_metrics_count_calls_when_enabled(suite: Suite) -> None:
+    labels = {"tenant": "beta", "grpc_method": "Stats"}
+    before = REGISTRY.get_sample_value("mmsearch_tenant_calls_total", labels) or 0.0
+    await suite.stub.Stats(search_pb2.StatsRequest(), metadata=md("beta-admin"), timeout=30)
+    assert REGISTRY.get_sample_value("mmsearch_tenant_calls_total", labels) == before + 1
 
 
 async def test_delete_never_reaches_another_tenant(suite: Suite) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 
 from mmsearch.search.v1 import search_pb2, search_pb2_grpc
 from services.common.settings import TlsSettings
@@ -41,8 +42,12 @@ async def test_a_client_certificate_maps_to_its_tenant_and_scopes(tmp_path: Path
         channel = grpc.aio.secure_channel(f"localhost:{search.port}", creds(pki.ca, pki.client.cert, pki.client.key))
         async with channel:
             stub = search_pb2_grpc.SearchStub(channel)
+            labels = {"tenant": "alpha", "grpc_method": "Stats"}
+            before = REGISTRY.get_sample_value("mmsearch_tenant_calls_total", labels)
             stats = await stub.Stats(search_pb2.StatsRequest(), timeout=30)  # the certificate alone is enough
             assert stats.item_count == 0
+            # SEARCH_TENANT_METRICS is off here: no per-tenant series moves.
+            assert REGISTRY.get_sample_value("mmsearch_tenant_calls_total", labels) == before
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await stub.Delete(search_pb2.DeleteRequest(ids=["x"]), timeout=30)
             assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED and "'delete'" in info.value.details()
