@@ -239,7 +239,8 @@ async def test_filters_are_bounded_and_cannot_write(channels: dict[str, grpc.aio
         'metadata["label"] ==': "Milvus rejected the filter",
         "id == 'x'; delete from security": "Milvus rejected the filter",
         "drop collection security": "Milvus rejected the filter",
-        "id == 'x') or (1 == 1": "Milvus rejected the filter",
+        # Refused before Milvus: it could close the server's `tenant == ... and (` wrapper.
+        "id == 'x') or (1 == 1": "never opened",
         "delete(id == 'filter-0')": "Milvus rejected the filter",
         "upsert": "Milvus rejected the filter",
         "(" * 1000 + "id != ''" + ")" * 1000: "Milvus rejected the filter",
