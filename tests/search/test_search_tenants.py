@@ -9,6 +9,7 @@ the tenant, Delete and Backfill are audited.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -214,6 +215,21 @@ async def test_another_tenants_ids_answer_exactly_as_missing_ones(suite: Suite) 
     assert [(r.id, json.loads(r.metadata_json)["owner"]) for r in get.records] == [("photo-cat", "alpha")]
 
 
+async def test_concurrent_calls_of_two_tenants_each_keep_their_own(suite: Suite) -> None:
+    async def get(token: str) -> set[str]:
+        reply = await suite.stub.Get(search_pb2.GetRequest(ids=["photo-cat", "photo-moon"]), metadata=md(token),
+                                     timeout=30)
+        return {json.loads(r.metadata_json)["owner"] for r in reply.records}
+
+    async def find(token: str) -> set[str]:
+        return owners(await search(suite, token, query=text("a photo of a moon"), top_k=5))
+
+    tokens = ["alpha-read", "beta-admin"] * 20
+    results = await asyncio.gather(*(get(t) for t in tokens), *(find(t) for t in tokens))
+    expected = [{t.split("-")[0]} for t in tokens] * 2
+    assert results == expected
+
+
 async def test_search_all_streams_only_the_callers_items(suite: Suite) -> None:
     stats = await suite.stub.Stats(search_pb2.StatsRequest(), metadata=md("alpha-read"), timeout=30)
     hits: list[search_pb2.Hit] = []
@@ -297,7 +313,7 @@ async def test_a_token_removed_from_the_file_stops_working_without_a_restart(sui
             assert e.code() == grpc.StatusCode.UNAUTHENTICATED
             break
         assert time.monotonic() < deadline, "the removed token still works after 5 s"
-        await __import__("asyncio").sleep(0.2)
+        await asyncio.sleep(0.2)
     await suite.stub.Stats(search_pb2.StatsRequest(), metadata=md("alpha-read"), timeout=30)  # others still work
     write_atomically(suite.token_file, token_file_text(list(TOKENS)))  # and it comes back the same way
     deadline = time.monotonic() + 5
@@ -307,7 +323,7 @@ async def test_a_token_removed_from_the_file_stops_working_without_a_restart(sui
             break
         except grpc.aio.AioRpcError:
             assert time.monotonic() < deadline, "the re-added token does not work after 5 s"
-            await __import__("asyncio").sleep(0.2)
+            await asyncio.sleep(0.2)
 
 
 HOSTILE_FILTERS = [
