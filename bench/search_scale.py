@@ -45,6 +45,7 @@ COLLECTION = "mmsearch"
 # --- loader (runs in a child process: it owns the embedded Milvus Lite while it writes) ----
 
 def load(data_dir: str, start: int, stop: int, model_id: str, dim: int, index: str, batch: int) -> None:
+    from services.common.principal import DEFAULT_TENANT
     from services.search import fields as F
     from services.search.milvus_store import MilvusStore
     from services.search.settings import SearchSettings
@@ -64,6 +65,7 @@ def load(data_dir: str, start: int, stop: int, model_id: str, dim: int, index: s
             "embedder_model_id": model_id, "captioner_model_id": "bench", "ingested_at_ms": 1_760_000_000_000 + j,
             F.IMAGE_VECTOR: img[j - i], F.CAPTION_VECTOR: cap[j - i],
             F.KEYWORD_TEXT: f"synthetic item {j} bench k{j % 100}",  # the BM25 function's input
+            F.TENANT: DEFAULT_TENANT,
         } for j in range(i, i + n)]
         client.insert(COLLECTION, rows)
     insert_s = time.perf_counter() - t

@@ -632,6 +632,10 @@ class MilvusStore:
         Only the caller's tenant's hits, under the caller's ids (defence in depth: the
         filter already confined the search)."""
         def score(d: float) -> float:
+            if leg_field == F.KEYWORD_SPARSE:
+                # A BM25 score is >= 0; embedded Milvus Lite hands it back negated (best
+                # first, most negative), a Milvus (Lite) server as is.
+                return abs(float(d))
             return self._similarity(d) if leg_field in (F.IMAGE_VECTOR, F.CAPTION_VECTOR) else float(d)
         return [RawHit(t.unkey(h["id"]), score(h["distance"]),
                        {k: v for k, v in (h.get("entity") or {}).items() if k != F.TENANT})

@@ -74,8 +74,6 @@ def test_keyword_target_finds_the_rare_word(client: SearchClient) -> None:
     assert ids(result) == [f"{PREFIX}moon"]  # BM25: only the item with the word matches
 
 
-@pytest.mark.xfail(strict=True, reason="server: keyword hits come back with the BM25 score negated (search.proto: "
-                                       "the BM25 score, >= 0); remove this mark when fixed")
 def test_keyword_scores_are_bm25_scores(client: SearchClient) -> None:
     result = client.search("quokkaberry", target="keyword", top_k=3, filter=MINE)
     assert result[0].score > 0

@@ -185,7 +185,7 @@ def call_cases() -> list[tuple[str, Call, grpc.StatusCode, str]]:
             query=types_pb2.Content(composed=types_pb2.Composed(image=image, instruction=" ")), top_k=3))),
          INVALID, "empty instruction"),
         ("no query at all", s_(lambda s: s.search.Search(search_pb2.SearchRequest(top_k=3))), INVALID,
-         "set exactly one of query and query_vector"),
+         "set exactly one of query, query_vector, like_id and examples"),
         ("query and vector both", s_(lambda s: s.search.Search(search_pb2.SearchRequest(
             query=types_pb2.Content(text="x"), query_vector=types_pb2.Embedding(values=[1.0]), top_k=3))),
          INVALID, "set exactly one"),

@@ -230,13 +230,16 @@ ENGINE = SearchEngine(SearchSettings(), store=None, embedder=None, intake=None) 
 def test_search_request_decoding_and_validation_raise_only_invalid_input(request: search_pb2.SearchRequest) -> None:
     try:
         query = _query(request)
-        top_k, names, expr = ENGINE._validate(query)
+        ENGINE._validate_page(query)
+        names, expr = ENGINE._validate(query)
     except InvalidInput as e:
         assert e.message
         return
+    top_k = query.top_k
     assert 1 <= top_k <= 1000 and 0 <= query.offset and query.offset + top_k <= 16384
     assert set(names) <= set(F.OUTPUT_FIELDS) and len(expr) <= 2048
-    assert (query.content is None) != (query.vector is None)
+    given = [query.content is not None, query.vector is not None, bool(query.like_id), bool(query.examples)]
+    assert sum(given) == 1
 
 
 @FAST

@@ -119,6 +119,9 @@ async def test_keyword_leg_finds_exact_codes_that_vectors_miss(suite: Suite) -> 
         keyword_first += by_keyword[0] == f"mug-{code}"
         caption_first += by_caption[0] == f"mug-{code}"
         assert by_keyword == [f"mug-{code}"]  # BM25 matches the word, nothing else holds it
+        scores = [h.score for h in (await suite.stub.Search(search_pb2.SearchRequest(
+            query=text(f"mug {code}"), target=search_pb2.TARGET_KEYWORD, top_k=6))).hits]
+        assert scores[0] > 0 and all(s >= 0 for s in scores) and scores == sorted(scores, reverse=True)
     assert keyword_first == len(CODES) and caption_first < len(CODES)
 
 
