@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -398,3 +399,21 @@ CRD_SCHEMAS = {
     ("monitoring.coreos.com/v1", "PrometheusRule"): PROMETHEUS_RULE,
     ("keda.sh/v1alpha1", "ScaledObject"): SCALED_OBJECT,
 }
+
+
+# --- promtool (Prometheus' CLI) ------------------------------------------------------------
+
+PROMTOOL = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool (Prometheus' CLI) is not installed")
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    assert PROMTOOL
+    return subprocess.run([PROMTOOL, *args], check=False, capture_output=True, text=True, timeout=120)
+
+
+def rule_groups_file(rule_manifest: Path, out: Path) -> Path:
+    """A PrometheusRule's groups as the plain rules file promtool reads."""
+    rule = yaml.safe_load(rule_manifest.read_text())
+    out.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    return out

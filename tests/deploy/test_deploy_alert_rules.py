@@ -6,32 +6,21 @@ without it these tests skip, and tests/ops still checks every series the rules u
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
-from k8s_helpers import K8S
+from k8s_helpers import K8S, needs_promtool, promtool, rule_groups_file
 
-PROMTOOL = shutil.which("promtool")
-pytestmark = pytest.mark.skipif(PROMTOOL is None, reason="promtool (Prometheus' CLI) is not installed")
+pytestmark = needs_promtool
 
 SEL = 'namespace="mmsearch", job="search", grpc_service="mmsearch.search.v1.Search", grpc_method="Search", grpc_type="unary"'
 COUNT = f"grpc_server_handling_seconds_count{{{SEL}}}"
 
 
-def promtool(*args: str) -> subprocess.CompletedProcess[str]:
-    assert PROMTOOL
-    return subprocess.run([PROMTOOL, *args], check=False, capture_output=True, text=True, timeout=120)
-
-
 @pytest.fixture
 def rules_file(tmp_path: Path) -> Path:
-    rule = yaml.safe_load((K8S / "base" / "prometheusrule.yaml").read_text())
-    path = tmp_path / "rules.yaml"
-    path.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
-    return path
+    return rule_groups_file(K8S / "base" / "prometheusrule.yaml", tmp_path / "rules.yaml")
 
 
 def test_rules_parse(rules_file: Path) -> None:

@@ -6,16 +6,13 @@ not before), and MmsearchCertificateExpired once it has expired. Skips without p
 (Debian/Ubuntu: `apt-get install prometheus`; CI installs it)."""
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
-from k8s_helpers import K8S
+from k8s_helpers import K8S, needs_promtool, promtool, rule_groups_file
 
-PROMTOOL = shutil.which("promtool")
-pytestmark = pytest.mark.skipif(PROMTOOL is None, reason="promtool (Prometheus' CLI) is not installed")
+pytestmark = needs_promtool
 
 DAY = 86400
 # What a pod exports (plus the target labels its ServiceMonitor adds).
@@ -23,17 +20,9 @@ SERIES = ('mmsearch_tls_certificate_expiry_timestamp_seconds{namespace="mmsearch
           'role="server", file="/etc/mmsearch/tls/tls.crt"}')
 
 
-def promtool(*args: str) -> subprocess.CompletedProcess[str]:
-    assert PROMTOOL
-    return subprocess.run([PROMTOOL, *args], check=False, capture_output=True, text=True, timeout=120)
-
-
 @pytest.fixture
 def rules_file(tmp_path: Path) -> Path:
-    rule = yaml.safe_load((K8S / "base" / "prometheusrule-certificates.yaml").read_text())
-    path = tmp_path / "rules.yaml"
-    path.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
-    return path
+    return rule_groups_file(K8S / "base" / "prometheusrule-certificates.yaml", tmp_path / "rules.yaml")
 
 
 def test_the_gauge_name_is_the_one_the_processes_export() -> None:
