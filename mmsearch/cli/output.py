@@ -198,37 +198,31 @@ class RateColumn(ProgressColumn):
         return Text(f"{speed:5.1f} items/s" if speed else "   -- items/s", style="progress.data.speed")
 
 
-def ingest_progress() -> Progress:
+def _counted_progress(counts: str) -> Progress:
+    """A bar with a rate, counts by outcome (rich markup over task fields), elapsed and ETA."""
     return Progress(
         SpinnerColumn(),
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         RateColumn(),
-        TextColumn("[green]{task.fields[stored]} stored[/] [dim]{task.fields[unchanged]} unchanged[/] [red]{task.fields[failed]} failed[/]"),
+        TextColumn(counts),
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
         console=err_console,
         transient=False,
     )
+
+
+def ingest_progress() -> Progress:
+    return _counted_progress("[green]{task.fields[stored]} stored[/] [dim]{task.fields[unchanged]} unchanged[/] "
+                             "[red]{task.fields[failed]} failed[/]")
 
 
 def backfill_progress() -> Progress:
-    return Progress(
-        SpinnerColumn(),
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        RateColumn(),
-        TextColumn("[green]{task.fields[captioned]} captioned[/] [dim]{task.fields[skipped]} skipped[/] "
-                   "[red]{task.fields[failed]} failed[/]"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=False,
-    )
+    return _counted_progress("[green]{task.fields[captioned]} captioned[/] [dim]{task.fields[skipped]} skipped[/] "
+                             "[red]{task.fields[failed]} failed[/]")
 
 
 @contextlib.contextmanager
