@@ -163,7 +163,7 @@ async def measure(stub: Any, feats: list[tuple[str, str, Any]], n: int) -> dict[
 
 async def main_async(args: argparse.Namespace) -> None:
     shared = C.shared()
-    env = {"SEARCH_INDEXED_FIELDS": INDEXED, "SEARCH_MILVUS_TIMEOUT_S": "300"}
+    env = {"SEARCH_INDEXED_FIELDS": INDEXED, "SEARCH_MILVUS_TIMEOUT_S": "300", **dict(e.split("=", 1) for e in args.env)}
     rows: list[list[Any]] = []
     load_rows: list[list[Any]] = []
     async with C.Suite(milvus="server", with_captioner=False, search_env=env) as suite:
@@ -218,6 +218,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100, help="rounds (each calls every feature once)")
     parser.add_argument("--batch", type=int, default=2000, help="rows per write")
     parser.add_argument("--quick", action="store_true", help="2k rows, 40 rounds")
+    parser.add_argument("--env", action="append", default=[], help="extra SEARCH_*=value for the search process")
     args = parser.parse_args()
     if args.quick:
         args.sizes, args.n = "2000", 40
