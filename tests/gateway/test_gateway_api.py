@@ -140,6 +140,7 @@ def test_ingest_ndjson_reports_every_item(http: httpx.Client, suite: GatewaySuit
     ])
     lines = ndjson(http.post("/v1/ingest", content=body))
     by_index = {int(o.get("index", "0")): o for o in outcomes(lines)}
+    assert sorted(by_index) == [0, 1], lines  # every item answered (the lines say what came instead)
     assert by_index[0]["status"] == "ITEM_STATUS_UNCHANGED"
     assert by_index[1]["status"] == "ITEM_STATUS_FAILED"
     assert by_index[1]["error"]["code"] == 3 and "not a recognised image" in by_index[1]["error"]["message"]
