@@ -34,6 +34,12 @@ class AlreadyExists(ServiceError):
     code = grpc.StatusCode.ALREADY_EXISTS
 
 
+class Aborted(ServiceError):
+    """Refused because a conflicting operation runs (e.g. a second backfill): retry later."""
+
+    code = grpc.StatusCode.ABORTED
+
+
 class Overloaded(ServiceError):
     """A bounded queue or concurrency limit is full: retry later with backoff."""
 

@@ -212,19 +212,14 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         self._tokens = [t.get_secret_value().encode() for t in tokens]
 
     def _allowed(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> bool:
-        for key, value in metadata or ():
-            if key.lower() != "authorization":
-                continue
-            raw = value.encode() if isinstance(value, str) else value
-            scheme, _, token = raw.partition(b" ")
-            if scheme.lower() != b"bearer":
-                return False
-            # Compare against every token so timing does not reveal which one matched.
-            ok = False
-            for expected in self._tokens:
-                ok |= hmac.compare_digest(token.strip(), expected)
-            return ok
-        return False
+        token = _bearer(metadata)
+        if not token:  # no authorization header, or not a bearer token
+            return False
+        # Compare against every token so timing does not reveal which one matched.
+        ok = False
+        for expected in self._tokens:
+            ok |= hmac.compare_digest(token, expected)
+        return ok
 
     async def intercept_service(
         self,

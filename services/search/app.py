@@ -71,8 +71,7 @@ class SearchService:
         )
         self.backfiller = Backfiller(settings, self.store, self.captioner, self.embedder, self.intake, model_id,
                                      self.pending_images)
-        self.engine = SearchEngine(settings, self.store, self.embedder, self.intake, self.embedder_gate,
-                                   lambda: self.info.model_id if self.info else "")
+        self.engine = SearchEngine(settings, self.store, self.embedder, self.intake, self.embedder_gate, model_id)
         self._servicer: SearchServicer | None = None
         self._binder: asyncio.Task[None] | None = None
 

@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-import grpc
 import numpy as np
 
 from services.common import principal
 from services.common.convert import TextContent
-from services.common.errors import FailedPrecondition, InvalidInput, ServiceError, Unavailable
+from services.common.errors import Aborted, FailedPrecondition, InvalidInput, ServiceError, Unavailable
 from services.common.intake import ImageIntake, ImageRef
 from services.common.log import get_logger
 from services.search import fields as F
@@ -33,12 +32,6 @@ from services.search.settings import SearchSettings
 from services.search.upstreams import CaptionerClient, CaptionResult, EmbedderClient
 
 log = get_logger(__name__)
-
-
-class Aborted(ServiceError):
-    """Another backfill runs on this server; run one at a time."""
-
-    code = grpc.StatusCode.ABORTED
 
 
 class BackfillStatus(str, Enum):

@@ -25,7 +25,7 @@ from services.common import principal
 from services.common.errors import FailedPrecondition, InvalidInput, Unavailable
 from services.search import fields as F
 from services.search.metrics import MILVUS_SECONDS
-from services.search.settings import SearchSettings
+from services.search.settings import SearchSettings, parse_indexed_fields
 
 T = TypeVar("T")
 
@@ -347,7 +347,7 @@ class MilvusStore:
         dim = props.get(PROP_DIM)
         return CollectionInfo(str(props.get(PROP_MODEL) or ""), int(dim) if str(dim or "").isdigit() else 0,
                               F.CAPTION_PENDING in names, F.KEYWORD_SPARSE in names,
-                              parse_indexed(str(props.get(PROP_INDEXED) or "")), F.TENANT in names)
+                              parse_indexed_fields(str(props.get(PROP_INDEXED) or "")), F.TENANT in names)
 
     async def describe(self) -> CollectionInfo | None:
         """The collection's model, dimension and fields; None while it does not exist."""
@@ -524,7 +524,8 @@ class MilvusStore:
                 f"collection {self.collection!r} predates deferred captions (no {F.CAPTION_PENDING} field)")
         data = [
             {
-                "id": t.key(r.id), **({F.TENANT: t.tenant} if t.enforced else {}), "content_sha256": r.content_sha256, "fingerprint": r.fingerprint, "uri": r.uri,
+                "id": t.key(r.id), **({F.TENANT: t.tenant} if t.enforced else {}),
+                "content_sha256": r.content_sha256, "fingerprint": r.fingerprint, "uri": r.uri,
                 "caption": r.caption, "keywords": r.keywords, "metadata": r.metadata,
                 "embedder_model_id": r.embedder_model_id, "captioner_model_id": r.captioner_model_id,
                 "ingested_at_ms": r.ingested_at_ms,
@@ -771,11 +772,6 @@ def _at_least(hits: list[RawHit], min_score: float | None) -> list[RawHit]:
 def keyword_text(caption: str, keywords: Sequence[str]) -> str:
     """What the keyword leg indexes: the caption and its keywords."""
     return " ".join([caption, *keywords])[: F.MAX_KEYWORD_TEXT_CHARS]
-
-
-def parse_indexed(text: str) -> dict[str, str]:
-    pairs = [p.split(":", 1) for p in text.split(",") if ":" in p]
-    return {name: kind for name, kind in pairs}
 
 
 def format_indexed(fields: dict[str, str]) -> str:

@@ -19,6 +19,13 @@ RESERVED_FIELDS = {
 }
 
 
+def parse_indexed_fields(text: str) -> dict[str, str]:
+    """ "name:type,..." (the setting, and the collection property that records it) -> dict;
+    a name without a type maps to "" (refused by the settings validator)."""
+    pairs = [p.strip() for p in text.split(",") if p.strip()]
+    return dict(tuple(p.split(":", 1)) if ":" in p else (p, "") for p in pairs)
+
+
 class SearchSettings(ServerSettings):
     model_config = SettingsConfigDict(env_prefix="SEARCH_", env_nested_delimiter="__", extra="ignore")
 
@@ -115,8 +122,7 @@ class SearchSettings(ServerSettings):
     @classmethod
     def _parse_indexed_fields(cls, value: Any) -> Any:
         if isinstance(value, str):
-            pairs = [p.strip() for p in value.split(",") if p.strip()]
-            value = dict(p.split(":", 1) if ":" in p else (p, "") for p in pairs)
+            value = parse_indexed_fields(value)
         for name, kind in dict(value).items():
             if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,63}", name) or name in RESERVED_FIELDS:
                 raise ValueError(f"indexed field name {name!r} is invalid or reserved (a letter, then letters, "
