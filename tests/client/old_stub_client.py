@@ -1,4 +1,4 @@
-"""A client built from the search.v1 stubs of commit 47a0fcb (before issue 21), run as its
+"""A client built from the search.v1 stubs of commit 0a674e5 (the last release before this wave), run as its
 own process by test_client_wire_compat.py: `python tests/client/old_stub_client.py STUBS_DIR
 ADDRESS TOKEN PHOTOS_DIR`. Prints one JSON document with what the old client saw.
 

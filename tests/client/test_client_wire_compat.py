@@ -1,7 +1,8 @@
-"""v1 stays wire-compatible: a client built from the search.v1 stubs of commit 47a0fcb
-(before issue 21 added legs, like_id, examples, min_score, group_by, decay, SearchAll and
-the Stats fields) runs Ingest, Get, Search and Stats against the current server (the real
-suite) and gets the same answers the current client gets."""
+"""v1 stays wire-compatible: a client built from the search.v1 stubs of commit 0a674e5 (the
+last release before DUPLICATE / DEFERRED outcomes, Backfill, tenants' errors, legs,
+like_id, examples, min_score, group_by, decay, SearchAll and the new Stats fields) runs
+Ingest, Get, Search and Stats against the current server (the real suite) and gets the
+same answers the current client gets."""
 from __future__ import annotations
 
 import json
@@ -16,8 +17,8 @@ from services.lite_models.sample_photos import load_sample_photos
 from tests.conftest import RealSuite
 
 ROOT = Path(__file__).resolve().parents[2]
-DATA = Path(__file__).with_name("data") / "search_v1_47a0fcb"
-COMMIT = "47a0fcb"
+DATA = Path(__file__).with_name("data") / "search_v1_0a674e5"
+COMMIT = "0a674e5"
 STUBS = ("search_pb2.py", "search_pb2_grpc.py")
 
 
