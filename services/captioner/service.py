@@ -140,7 +140,7 @@ class CaptionService:
         try:
             return await work
         except ServiceError as e:
-            outcome = e.code.name.lower()
+            outcome = e.kind.value
             raise
         except asyncio.CancelledError:
             outcome = "cancelled"

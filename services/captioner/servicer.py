@@ -8,6 +8,7 @@ from mmsearch.captioner.v1 import captioner_pb2, captioner_pb2_grpc
 from mmsearch.common.v1 import types_pb2
 from services.captioner.service import Caption, CaptionRequest, CaptionService
 from services.common.convert import image_ref_from_proto
+from services.common.interceptors import item_error
 from services.common.errors import InvalidInput, ServiceError, at_index
 
 _LANGUAGES = {
@@ -43,7 +44,7 @@ def caption_to_proto(caption: Caption) -> captioner_pb2.Caption:
 
 
 def _error_to_proto(error: ServiceError) -> types_pb2.ItemError:
-    return types_pb2.ItemError(code=error.code.value[0], message=error.message)
+    return item_error(error)
 
 
 class CaptionerServicer(captioner_pb2_grpc.CaptionerServicer):

@@ -1,17 +1,38 @@
-"""Domain errors and their gRPC status codes.
+"""Domain errors: what went wrong, as a kind, with a message safe for callers.
 
-Domain code (batching, pipelines, backends) raises these and never imports grpc; the
-error-mapping interceptor in `interceptors.py` turns them into status codes in one place.
+Domain code (batching, pipelines, engines, backends) raises these and never imports grpc;
+the error-mapping interceptor (`services/common/interceptors.py`) owns the one table from
+kind to gRPC status, and builds per-item errors from the same table.
 """
 from __future__ import annotations
 
-import grpc
+from enum import Enum
+
+
+class ErrorKind(Enum):
+    """What a caller may do about an error; the transport maps each kind to a status.
+
+    The values are the `outcome` labels of metrics (stable: dashboards and alerts use them).
+    """
+
+    INVALID_INPUT = "invalid_argument"  # fix the request
+    NOT_FOUND = "not_found"
+    ALREADY_EXISTS = "already_exists"
+    ABORTED = "aborted"  # a conflicting operation runs: retry later
+    OVERLOADED = "resource_exhausted"  # a bounded queue or limit is full: back off
+    UNAVAILABLE = "unavailable"  # a dependency cannot serve now: retry
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    FAILED_PRECONDITION = "failed_precondition"  # the system's state forbids it
+    INTERNAL = "internal"
 
 
 class ServiceError(Exception):
-    """Base class: an error with a gRPC status code and a message safe for callers."""
+    """Base class: an error of a kind, with a message safe for callers."""
 
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    kind: ErrorKind = ErrorKind.INTERNAL
+    # Set when this service already spent its own retries on an upstream: callers should
+    # not retry at once (the transport says so with gRFC A6 server pushback).
+    no_retry: bool = False
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -21,55 +42,56 @@ class ServiceError(Exception):
 class InvalidInput(ServiceError):
     """The caller sent something we cannot use (bad image, bad URI, bad field)."""
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    kind = ErrorKind.INVALID_INPUT
 
 
 class NotFound(ServiceError):
-    code = grpc.StatusCode.NOT_FOUND
+    kind = ErrorKind.NOT_FOUND
 
 
 class AlreadyExists(ServiceError):
     """The thing the caller tried to create exists (e.g. an id used twice in one stream)."""
 
-    code = grpc.StatusCode.ALREADY_EXISTS
+    kind = ErrorKind.ALREADY_EXISTS
 
 
 class Aborted(ServiceError):
     """Refused because a conflicting operation runs (e.g. a second backfill): retry later."""
 
-    code = grpc.StatusCode.ABORTED
+    kind = ErrorKind.ABORTED
 
 
 class Overloaded(ServiceError):
     """A bounded queue or concurrency limit is full: retry later with backoff."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    kind = ErrorKind.OVERLOADED
 
 
 class Unavailable(ServiceError):
     """A dependency (model, upstream API, Milvus, another service) cannot serve now."""
 
-    code = grpc.StatusCode.UNAVAILABLE
+    kind = ErrorKind.UNAVAILABLE
 
 
 class UpstreamExhausted(Unavailable):
     """An upstream failed and this service already spent its own retries on it.
 
     Still UNAVAILABLE (the caller may retry later), but the reply tells gRPC clients'
-    transparent retry policies not to retry at once (server pushback, gRFC A6): retries
-    at two layers would multiply (4 x 4 calls per item) against an upstream that is
-    already failing.
+    transparent retry policies not to retry at once: retries at two layers would multiply
+    (4 x 4 calls per item) against an upstream that is already failing.
     """
+
+    no_retry = True
 
 
 class DeadlineExceeded(ServiceError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    kind = ErrorKind.DEADLINE_EXCEEDED
 
 
 class FailedPrecondition(ServiceError):
     """The system is not in a state to do this (e.g. a collection built by another model)."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    kind = ErrorKind.FAILED_PRECONDITION
 
 
 def at_index(index: int, error: ServiceError) -> ServiceError:

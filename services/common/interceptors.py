@@ -13,7 +13,8 @@ import grpc
 from prometheus_client import Counter
 from pydantic import SecretStr
 
-from services.common.errors import InvalidInput, ServiceError, UpstreamExhausted
+from mmsearch.common.v1 import types_pb2
+from services.common.errors import ErrorKind, InvalidInput, ServiceError
 from services.common.log import get_logger
 
 log = get_logger(__name__)
@@ -55,8 +56,31 @@ def wrap_handler(
 _NO_RETRY = (("grpc-retry-pushback-ms", "-1"),)
 
 
+# The one table from domain error kind to gRPC status (domain code never imports grpc).
+STATUS_OF_KIND: dict[ErrorKind, grpc.StatusCode] = {
+    ErrorKind.INVALID_INPUT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorKind.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    ErrorKind.ABORTED: grpc.StatusCode.ABORTED,
+    ErrorKind.OVERLOADED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorKind.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ErrorKind.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+
+
+def status_of(e: ServiceError) -> grpc.StatusCode:
+    return STATUS_OF_KIND[e.kind]
+
+
+def item_error(e: ServiceError) -> types_pb2.ItemError:
+    """The per-item error of a batch or stream reply (the only place one is built)."""
+    return types_pb2.ItemError(code=status_of(e).value[0], message=e.message)
+
+
 async def _abort(context: grpc.aio.ServicerContext, e: ServiceError) -> None:
-    await context.abort(e.code, e.message, trailing_metadata=_NO_RETRY if isinstance(e, UpstreamExhausted) else ())
+    await context.abort(status_of(e), e.message, trailing_metadata=_NO_RETRY if e.no_retry else ())
 
 
 def refusing(handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler | None:

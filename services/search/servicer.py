@@ -10,6 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from mmsearch.common.v1 import types_pb2
 from mmsearch.search.v1 import search_pb2, search_pb2_grpc
 from services.common.convert import content_from_proto, image_ref_from_proto
+from services.common.interceptors import item_error
 from services.common.errors import FailedPrecondition, InvalidInput, ServiceError
 from services.common.intake import ImageRef
 from services.search.backfill import Backfiller, BackfillStatus
@@ -129,7 +130,7 @@ def _ids(ids: Any) -> list[str]:
 
 
 def _error(e: ServiceError | None) -> types_pb2.ItemError | None:
-    return types_pb2.ItemError(code=e.code.value[0], message=e.message) if e else None
+    return item_error(e) if e else None
 
 
 class SearchServicer(search_pb2_grpc.SearchServicer):
