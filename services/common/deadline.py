@@ -1,12 +1,13 @@
 """One deadline type for every service: an instant on the monotonic clock, or none.
 
-Servicers build it from the caller's gRPC deadline (`services/common/server.py`,
-`deadline_of`); domain code only asks how long is left, so it never sees the transport.
+Servicers build it from the caller's gRPC deadline (`deadline_of(context)`, duck-typed so
+this module needs no grpc); domain code only asks how long is left.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 from services.common.errors import DeadlineExceeded
 
@@ -57,3 +58,12 @@ class Deadline:
 
 
 NO_DEADLINE = Deadline()
+
+
+class _Call(Protocol):
+    def time_remaining(self) -> float | None: ...
+
+
+def deadline_of(call: _Call) -> Deadline:
+    """The caller's deadline of a call (a `grpc.aio.ServicerContext`), on our clock."""
+    return Deadline.after(call.time_remaining())
