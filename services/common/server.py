@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.resources
 import signal
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -39,6 +41,97 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 # dependency outage (NOT_SERVING readiness) never makes Kubernetes restart the pod.
 LIVENESS = "liveness"
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+# --- reflection: the contract with its .proto comments ---------------------------------------
+
+
+class _FileWithSource:
+    """A file descriptor whose `CopyToProto` yields the descriptor-set copy (with source
+    info) when there is one: the upb backend's `CopyToProto` drops comments."""
+
+    def __init__(self, descriptor: Any, sources: Mapping[str, descriptor_pb2.FileDescriptorProto]) -> None:
+        self._descriptor, self._sources = descriptor, sources
+        self.name: str = descriptor.name
+
+    @property
+    def dependencies(self) -> list[_FileWithSource]:
+        return [_FileWithSource(d, self._sources) for d in self._descriptor.dependencies]
+
+    def CopyToProto(self, proto: descriptor_pb2.FileDescriptorProto) -> None:
+        if self.name in self._sources:
+            proto.CopyFrom(self._sources[self.name])
+        else:
+            self._descriptor.CopyToProto(proto)
+
+
+class SourceInfoPool:
+    """What grpc_reflection's servicer needs of a `DescriptorPool`: a pool built from
+    mmsearch/descriptors.binpb (scripts/gen_protos.sh: every contract file and its
+    imports, with the .proto comments), plus the files of the other services served here
+    (health, reflection) from the default pool. Reflection clients (`grpcurl describe`)
+    see the limits and error semantics the comments document."""
+
+    def __init__(self, descriptor_set: descriptor_pb2.FileDescriptorSet,
+                 extra_services: Sequence[str] = ()) -> None:
+        self._pool = descriptor_pool.DescriptorPool()
+        self._sources = {f.name: f for f in descriptor_set.file}
+        for f in descriptor_set.file:  # --include_imports writes dependencies first
+            self._pool.Add(f)
+        default = descriptor_pool.Default()
+        for name in extra_services:
+            if not self._has(self._pool.FindFileContainingSymbol, name):
+                self._add_from_default(default.FindFileContainingSymbol(name))
+
+    @staticmethod
+    def _has(find: Callable[[str], Any], name: str) -> bool:
+        try:
+            find(name)
+        except KeyError:
+            return False
+        return True
+
+    def _add_from_default(self, file: Any) -> None:
+        if self._has(self._pool.FindFileByName, file.name):
+            return
+        for dep in file.dependencies:
+            self._add_from_default(dep)
+        self._pool.AddSerializedFile(file.serialized_pb)
+
+    def FindFileByName(self, name: str) -> _FileWithSource:
+        return _FileWithSource(self._pool.FindFileByName(name), self._sources)
+
+    def FindFileContainingSymbol(self, symbol: str) -> _FileWithSource:
+        return _FileWithSource(self._pool.FindFileContainingSymbol(symbol), self._sources)
+
+    def __getattr__(self, name: str) -> Any:  # extension lookups: the plain pool
+        return getattr(self._pool, name)
+
+
+def contract_descriptor_set() -> descriptor_pb2.FileDescriptorSet | None:
+    """mmsearch/descriptors.binpb (shipped in the wheel), or None when it is missing."""
+    try:
+        data = importlib.resources.files("mmsearch").joinpath("descriptors.binpb").read_bytes()
+    except OSError:
+        return None
+    return descriptor_pb2.FileDescriptorSet.FromString(data)
+
+
+def reflection_pool(service_names: Sequence[str]) -> SourceInfoPool | None:
+    """The pool reflection serves from; None (the default pool, no comments) when the
+    descriptor set is missing or does not describe every service served here."""
+    descriptor_set = contract_descriptor_set()
+    if descriptor_set is None:
+        log.warning("no descriptor set: reflection serves descriptors without comments")
+        return None
+    try:
+        pool = SourceInfoPool(descriptor_set, service_names)
+        for name in service_names:
+            pool.FindFileContainingSymbol(name)
+    except (KeyError, TypeError, ValueError) as e:
+        log.warning("descriptor set unusable: reflection serves descriptors without comments", error=str(e))
+        return None
+    return pool
 
 
 async def _always_ready() -> bool:
@@ -167,10 +260,9 @@ async def start_server(settings: ServerSettings, app: GrpcApp) -> RunningServer:
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     app.register(server)
-    reflection.enable_server_reflection(
-        (*app.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-    )
+    reflected = (*app.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                 reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(reflected, server, pool=reflection_pool(reflected))
     address = f"{settings.host}:{settings.grpc_port}"
     creds = server_credentials(settings.tls)
     port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
