@@ -13,7 +13,6 @@ import atexit
 import json
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -22,7 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Self
 
-from mmsearch.suite.process import LineSink, ManagedProcess, ProcessSpec, SuiteError
+from mmsearch.suite.process import (
+    LineSink,
+    ManagedProcess,
+    ProcessSpec,
+    SuiteError,
+    free_port,
+    milvus_spec,
+    service_spec,
+)
 
 #: Called when a child is ready: (name, address, seconds it took).
 ReadySink = Callable[[str, str, float], None]
@@ -71,12 +78,6 @@ class SuiteConfig:
             raise ValueError('milvus="external" needs milvus_uri')
         if self.milvus_uri and self.milvus != "external":
             self.milvus = "external"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 class LocalSuite:
@@ -155,20 +156,20 @@ class LocalSuite:
 
     # -- specs
 
-    def _service_env(self, prefix: str, name: str) -> dict[str, str]:
+    def _service_spec(self, name: str, env: Mapping[str, str]) -> ProcessSpec:
         c = self.config
+        prefix = name.upper() + "_"
         env = {
             "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
             "TRANSFORMERS_OFFLINE": os.environ.get("TRANSFORMERS_OFFLINE", "1"),
             **c.env,
-            f"{prefix}HOST": c.host,
-            f"{prefix}GRPC_PORT": str(self._ports[name]),
-            f"{prefix}METRICS_PORT": str(self._ports[f"{name}_metrics"]),
+            **env,
             f"{prefix}LOG_JSON": "true",
         }
         if c.log_level:
             env[f"{prefix}LOG_LEVEL"] = c.log_level
-        return env
+        return service_spec(name, self._ports[name], env, host=c.host, metrics_port=self._ports[f"{name}_metrics"],
+                            python=c.python)
 
     def _model_threads_env(self) -> dict[str, str]:
         """The embedder and the captioner both run torch models on this one machine: give
@@ -185,42 +186,28 @@ class LocalSuite:
         c = self.config
         specs: list[ProcessSpec] = []
         if c.milvus == "server":
-            specs.append(
-                ProcessSpec(
-                    name="milvus",
-                    argv=[
-                        c.python, "-m", "milvus_lite", "server",
-                        "--data-dir", str(self.data_dir / "milvus-server"),
-                        "--host", c.host, "--port", str(self._ports["milvus"]),
-                    ],
-                    address=self.address("milvus"),
-                    ready="tcp",
-                    stop_signal=signal.SIGINT,  # milvus-lite closes its database on KeyboardInterrupt
-                )
-            )
-        embedder_env = {**self._model_threads_env(), **self._service_env("EMBEDDER_", "embedder")}
+            specs.append(milvus_spec(self.data_dir / "milvus-server", self._ports["milvus"], host=c.host,
+                                     python=c.python))
+        embedder_env = self._model_threads_env()
         if c.embedder_backend:
             embedder_env["EMBEDDER_BACKEND"] = c.embedder_backend
-        captioner_env = {**self._model_threads_env(), **self._service_env("CAPTIONER_", "captioner")}
+        captioner_env = self._model_threads_env()
         if c.captioner_backend:
             captioner_env["CAPTIONER_BACKEND"] = c.captioner_backend
-        search_env = self._service_env("SEARCH_", "search")
-        search_env.update(
-            {
-                "SEARCH_MILVUS_URI": self.milvus_uri,
-                "SEARCH_EMBEDDER_TARGET": self.embedder_address,
-                "SEARCH_CAPTIONER_TARGET": self.captioner_address,
-                # Deferred items' images for `mmsearch backfill` (used with SEARCH_ON_CAPTION_FAILURE=defer).
-                "SEARCH_PENDING_IMAGES_DIR": str(self.data_dir / "pending-images"),
-                **{k: v for k, v in c.env.items() if k == "SEARCH_PENDING_IMAGES_DIR"},
-            }
-        )
+        search_env = {
+            "SEARCH_MILVUS_URI": self.milvus_uri,
+            "SEARCH_EMBEDDER_TARGET": self.embedder_address,
+            "SEARCH_CAPTIONER_TARGET": self.captioner_address,
+            # Deferred items' images for `mmsearch backfill` (used with SEARCH_ON_CAPTION_FAILURE=defer).
+            "SEARCH_PENDING_IMAGES_DIR": str(self.data_dir / "pending-images"),
+            **{k: v for k, v in c.env.items() if k == "SEARCH_PENDING_IMAGES_DIR"},
+        }
         if c.file_root is not None:
             search_env["SEARCH_URIS__FILE_ROOT"] = str(Path(c.file_root).expanduser().resolve())
         specs += [
-            ProcessSpec("embedder", [c.python, "-m", "services.embedder"], self.embedder_address, embedder_env),
-            ProcessSpec("captioner", [c.python, "-m", "services.captioner"], self.captioner_address, captioner_env),
-            ProcessSpec("search", [c.python, "-m", "services.search"], self.search_address, search_env),
+            self._service_spec("embedder", embedder_env),
+            self._service_spec("captioner", captioner_env),
+            self._service_spec("search", search_env),
         ]
         if c.gateway:
             gateway_env = {

@@ -1,4 +1,8 @@
-"""One child process of the local suite: spawn, log pump, readiness wait, shutdown.
+"""The one process launcher: spawn a child with its env, pump its log, wait until it is
+ready (gRPC health, an open port, or a probe), stop it (stop signal, then SIGKILL), kill -9 it.
+
+`LocalSuite` (`mmsearch up`) runs its children with it; so do the tests and bench/, through
+`ManagedProcess(service_spec(...))` and `ManagedProcess(milvus_spec(...))`.
 
 Every child runs in its own session (process group), so stopping it also stops
 whatever it spawned, and a Ctrl-C in the terminal reaches only the launcher, which
@@ -8,6 +12,7 @@ terminates them, so no orphans survive even an unclean end.
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 import os
@@ -27,6 +32,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 #: Receives every output line of every child: (process name, line without newline).
 LineSink = Callable[[str, str], None]
+#: A custom readiness check: called with the child's address, True once it is ready.
+ReadyProbe = Callable[[str], bool]
 
 # Sets the parent-death signal, then execs the real command (PDEATHSIG survives execve).
 # Done in a tiny exec wrapper rather than a preexec_fn, which is unsafe with threads.
@@ -62,7 +69,8 @@ class ProcessSpec:
     """How to run and probe one child.
 
     `ready`: "grpc" waits for grpc.health.v1 SERVING on `address`; "tcp" waits until the
-    port accepts connections (Milvus Lite's server has no health service).
+    port accepts connections (Milvus Lite's server has no health service); a callable
+    (`ReadyProbe`) is asked with `address` until it says True.
     `stop_signal`: SIGTERM for our services (they drain); SIGINT for milvus-lite, whose
     server only closes its database cleanly on KeyboardInterrupt.
     """
@@ -71,7 +79,7 @@ class ProcessSpec:
     argv: list[str]
     address: str
     env: Mapping[str, str] = field(default_factory=dict)
-    ready: str = "grpc"
+    ready: str | ReadyProbe = "grpc"
     stop_signal: int = signal.SIGTERM
     cwd: str | None = None
 
@@ -115,9 +123,26 @@ class ManagedProcess:
     def tail(self, n: int = 30) -> list[str]:
         return list(self._tail)[-n:]
 
+    @property
+    def address(self) -> str:
+        return self.spec.address
+
+    def log(self) -> str:
+        """Everything the child wrote to its log file so far (across restarts); "" without one."""
+        try:
+            return self._log_file.read_text(errors="replace") if self._log_file is not None else ""
+        except OSError:
+            return ""
+
     # -- start
 
-    def start(self) -> None:
+    def start(self) -> ManagedProcess:
+        """Spawns the child; again after it ended, a restart with the same spec (its log is appended)."""
+        if self.alive:
+            raise RuntimeError(f"{self.name} is already running")
+        self._drain_pump()
+        if self._proc is not None and self._proc.stdout is not None:
+            self._proc.stdout.close()
         env = {**os.environ, **self.spec.env, "PYTHONUNBUFFERED": "1"}
         argv = list(self.spec.argv)
         if sys.platform.startswith("linux") and threading.current_thread() is threading.main_thread():
@@ -134,6 +159,7 @@ class ManagedProcess:
         )
         self._pump = threading.Thread(target=self._pump_lines, name=f"suite-log-{self.name}", daemon=True)
         self._pump.start()
+        return self
 
     def _pump_lines(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None
@@ -159,41 +185,46 @@ class ManagedProcess:
 
     # -- readiness
 
-    def wait_ready(self, timeout_s: float) -> float:
-        """Blocks until the child is ready; returns the seconds it took. Raises SuiteError."""
-        deadline = self.started_at + timeout_s
+    def wait_ready(self, timeout_s: float, poll_s: float = 0.1) -> float:
+        """Blocks until the child is ready, at most `timeout_s` from now; returns the seconds
+        since it was started. Raises SuiteError (with its last log lines) when it exits first
+        or the time runs out."""
+        deadline = time.monotonic() + timeout_s
+        ready = self.spec.ready
         last = "no answer yet"
-        channel = grpc.insecure_channel(self.spec.address) if self.spec.ready == "grpc" else None
-        try:
-            while True:
-                code = self.returncode
-                if code is not None:
-                    self._drain_pump()
-                    raise SuiteError(
-                        f"{self.name} exited with code {code} while starting", self.name, self.tail(), self._log_file
-                    )
-                if self.spec.ready == "grpc":
-                    assert channel is not None
-                    last = _grpc_health(channel)
-                    ok = last == "SERVING"
-                else:
-                    ok = _tcp_open(self.spec.address)
-                    last = "port open" if ok else "port closed"
-                if ok:
-                    self.ready_after_s = time.monotonic() - self.started_at
-                    return self.ready_after_s
-                if time.monotonic() >= deadline:
-                    raise SuiteError(
-                        f"{self.name} did not become ready on {self.spec.address} within {timeout_s:.0f}s "
-                        f"(last health: {last})",
-                        self.name,
-                        self.tail(),
-                        self._log_file,
-                    )
-                time.sleep(0.25)
-        finally:
-            if channel is not None:
-                channel.close()
+        while True:
+            code = self.returncode
+            if code is not None:
+                self._drain_pump()
+                raise SuiteError(
+                    f"{self.name} exited with code {code} while starting", self.name, self.tail(), self._log_file
+                )
+            if ready == "grpc":
+                last = _grpc_health(self.spec.address)
+                ok = last == "SERVING"
+            elif ready == "tcp":
+                ok = _tcp_open(self.spec.address)
+                last = "port open" if ok else "port closed"
+            else:
+                assert callable(ready), f"unknown readiness check {ready!r}"
+                ok = ready(self.spec.address)
+                last = "ready" if ok else "not ready"
+            if ok:
+                self.ready_after_s = time.monotonic() - self.started_at
+                return self.ready_after_s
+            if time.monotonic() >= deadline:
+                raise SuiteError(
+                    f"{self.name} did not become ready on {self.spec.address} within {timeout_s:.0f}s "
+                    f"(last health: {last})",
+                    self.name,
+                    self.tail(),
+                    self._log_file,
+                )
+            time.sleep(poll_s)
+
+    async def wait_ready_async(self, timeout_s: float, poll_s: float = 0.1) -> float:
+        """`wait_ready` off the event loop (in-process servers keep serving meanwhile)."""
+        return await asyncio.to_thread(self.wait_ready, timeout_s, poll_s)
 
     def _drain_pump(self) -> None:
         if self._pump is not None:
@@ -228,6 +259,71 @@ class ManagedProcess:
             proc.stdout.close()
         return proc.returncode
 
+    def kill9(self) -> int:
+        """SIGKILL to the child's process group, no grace (a crash); returns once it is reaped."""
+        proc = self._proc
+        assert proc is not None, f"{self.name} was never started"
+        _killpg(proc.pid, signal.SIGKILL)
+        code = proc.wait(timeout=10.0)
+        self._drain_pump()
+        return code
+
+    def send_signal(self, sig: int) -> None:
+        """One signal to the child itself (not its group), as a kubelet sends SIGTERM to PID 1."""
+        assert self._proc is not None, f"{self.name} was never started"
+        self._proc.send_signal(sig)
+
+    def wait(self, timeout_s: float) -> int:
+        """Waits for the child to exit; its exit code (subprocess.TimeoutExpired after `timeout_s`)."""
+        assert self._proc is not None, f"{self.name} was never started"
+        code = self._proc.wait(timeout=timeout_s)
+        self._drain_pump()
+        return code
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now (the kernel's pick)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def service_spec(
+    service: str,
+    port: int,
+    env: Mapping[str, str] | None = None,
+    *,
+    host: str = "127.0.0.1",
+    metrics_port: int = -1,
+    name: str | None = None,
+    python: str = sys.executable,
+    cwd: str | None = None,
+    ready: str | ReadyProbe = "grpc",
+) -> ProcessSpec:
+    """`python -m services.<service>` listening on host:port: `env` plus its
+    `<SERVICE>_HOST`, `_GRPC_PORT` and `_METRICS_PORT` (-1: no /metrics), which win."""
+    prefix = service.upper() + "_"
+    return ProcessSpec(
+        name=name or service,
+        argv=[python, "-m", f"services.{service}"],
+        address=f"{host}:{port}",
+        env={**(env or {}), f"{prefix}HOST": host, f"{prefix}GRPC_PORT": str(port),
+             f"{prefix}METRICS_PORT": str(metrics_port)},
+        ready=ready,
+        cwd=cwd,
+    )
+
+
+def milvus_spec(data_dir: Path, port: int, *, host: str = "127.0.0.1", python: str = sys.executable) -> ProcessSpec:
+    """A `milvus-lite server` (gRPC, like a Milvus cluster) on host:port keeping its data in `data_dir`."""
+    return ProcessSpec(
+        name="milvus",
+        argv=[python, "-m", "milvus_lite", "server", "--data-dir", str(data_dir), "--host", host, "--port", str(port)],
+        address=f"{host}:{port}",
+        ready="tcp",
+        stop_signal=signal.SIGINT,  # milvus-lite closes its database on KeyboardInterrupt
+    )
+
 
 def _killpg(pgid: int, sig: int) -> None:
     try:
@@ -236,11 +332,14 @@ def _killpg(pgid: int, sig: int) -> None:
         pass
 
 
-def _grpc_health(channel: grpc.Channel) -> str:
-    try:
-        response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-    except grpc.RpcError as e:
-        return e.code().name  # type: ignore[attr-defined]
+def _grpc_health(address: str) -> str:
+    # A fresh channel per check: a kept one would back off (1 s, 1.6 s, ...) between the
+    # connection attempts that fail while the child starts, and see it ready late.
+    with grpc.insecure_channel(address) as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+        except grpc.RpcError as e:
+            return e.code().name  # type: ignore[attr-defined]
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 
