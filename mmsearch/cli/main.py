@@ -44,7 +44,6 @@ from mmsearch.client import (
     check_health,
 )
 from mmsearch.client._convert import duration_ms
-from mmsearch.suite import LocalSuite, SuiteConfig, SuiteError, install_interrupt_handlers, wait_forever
 
 T = TypeVar("T")
 
@@ -157,6 +156,53 @@ def main(
     )
 
 
+# ---------------------------------------------------------------------------- servers
+
+#: How to get the servers when only the client distribution is installed (pyproject.toml).
+SERVER_INSTALL = 'pip install "mmsearch[server]"'
+
+
+def missing_server_packages() -> list[str]:
+    """The distributions of mmsearch's "server" extra that are not installed ([] when the
+    extra is complete, or when mmsearch runs from a checkout without installed metadata)."""
+    import re
+    from importlib import metadata
+
+    try:
+        requirements = metadata.requires("mmsearch") or []
+    except metadata.PackageNotFoundError:
+        return []
+    missing = []
+    for requirement in requirements:
+        spec, _, marker = requirement.partition(";")
+        if not re.search(r"""extra\s*==\s*["']server["']""", marker):
+            continue
+        name = re.match(r"[A-Za-z0-9._-]+", spec.strip())
+        if name is None:
+            continue
+        try:
+            metadata.distribution(name.group(0))
+        except metadata.PackageNotFoundError:
+            missing.append(name.group(0))
+    return missing
+
+
+def _require_servers(command: str) -> None:
+    """`mmsearch up` / `demo` run the services: with only the client installed, one line that
+    says how to install them (exit 1) instead of an ImportError traceback."""
+    missing = missing_server_packages()
+    if not missing:
+        try:  # the suite and the services' sample photos, imported only by these commands
+            import mmsearch.suite  # noqa: F401
+            import services  # noqa: F401
+        except ImportError as e:
+            missing = [e.name or str(e)]
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise _fail(f"`mmsearch {command}` needs the mmsearch servers, which are not installed (missing: {shown}); "
+                    f"install them with: {SERVER_INSTALL}")
+
+
 # ---------------------------------------------------------------------------- up
 
 
@@ -182,6 +228,9 @@ def up(
     http_port: Annotated[int, typer.Option(help="HTTP port of the gateway (search page and HTTP/JSON API).")] = 8080,
 ) -> None:
     """Start Milvus (embedded Milvus Lite by default), the embedder, the captioner and the search service; Ctrl-C stops them."""
+    _require_servers("up")
+    from mmsearch.suite import LocalSuite, SuiteConfig, SuiteError, install_interrupt_handlers, wait_forever
+
     config = SuiteConfig(
         data_dir=data_dir,
         search_port=search_port,
@@ -692,7 +741,9 @@ def demo(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Stream the services' logs.")] = False,
 ) -> None:
     """Start the suite (unless --address is given), index the sample photos, run every kind of query, write contact sheets."""
+    _require_servers("demo")
     from mmsearch.cli.demo import run_demo
+    from mmsearch.suite import SuiteError
 
     conn = _conn(ctx)
     try:

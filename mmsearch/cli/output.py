@@ -32,7 +32,6 @@ from rich.text import Text
 
 from mmsearch.cli.contact_sheet import SheetHit, SheetLayout, SheetQuery, load_image, local_path_of, write_contact_sheet
 from mmsearch.client import Hit, IngestOutcome, Record, SearchResult, Stats, Target
-from mmsearch.suite.process import format_log_line
 
 
 def _width(stream: object) -> int | None:
@@ -271,6 +270,8 @@ class SuiteLogPrinter:
         self._lock = threading.Lock()
 
     def __call__(self, name: str, line: str) -> None:
+        from mmsearch.suite.process import format_log_line  # server side: `mmsearch up` / `demo` only
+
         level, message = format_log_line(line)
         if level.lower() in self.quiet_levels or (not level and not self.show_unstructured):
             return
