@@ -6,9 +6,7 @@ confinement itself, on files and symlinks (no suite needed).
 from __future__ import annotations
 
 import io
-import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -19,9 +17,10 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from mmsearch.suite import ManagedProcess, ProcessSpec, free_port
 from services.gateway.settings import GatewaySettings
 from services.gateway.thumbnails import NoThumbnail, Thumbnailer
-from tests.conftest import free_port, jpeg_bytes, wait_for_port
+from tests.conftest import jpeg_bytes
 from tests.gateway.conftest import ROOT, GatewaySuite
 
 # --- confinement (no suite) ------------------------------------------------------------------
@@ -85,21 +84,21 @@ def test_no_root_no_thumbnails(root: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def standalone(gateway_suite: GatewaySuite) -> Iterator[tuple[str, int, subprocess.Popen[bytes]]]:
+def standalone(gateway_suite: GatewaySuite, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
+        tuple[str, int, ManagedProcess]]:
     http_port, metrics_port = free_port(), free_port()
-    env = {**os.environ, "GATEWAY_HOST": "127.0.0.1", "GATEWAY_HTTP_PORT": str(http_port),
+    env = {"GATEWAY_HOST": "127.0.0.1", "GATEWAY_HTTP_PORT": str(http_port),
            "GATEWAY_METRICS_PORT": str(metrics_port), "GATEWAY_SEARCH_TARGET": gateway_suite.search_address,
            # Narrower than search's file root: the photos are stored, but outside this one.
            "GATEWAY_FILE_ROOT": str(gateway_suite.queries), "GATEWAY_SHUTDOWN_GRACE_S": "2"}
-    proc = subprocess.Popen([sys.executable, "-m", "services.gateway"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = ManagedProcess(ProcessSpec("gateway", [sys.executable, "-m", "services.gateway"],
+                                      f"127.0.0.1:{http_port}", env, ready="tcp", cwd=str(ROOT)),
+                          log_file=tmp_path_factory.mktemp("standalone-gateway") / "gateway.log")
     try:
-        wait_for_port(http_port, 60)
+        proc.start().wait_ready(60)
         yield f"http://127.0.0.1:{http_port}", metrics_port, proc
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        proc.stop(grace_s=0)
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -108,7 +107,7 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
-def test_metrics_and_a_narrower_file_root(standalone: tuple[str, int, subprocess.Popen[bytes]],
+def test_metrics_and_a_narrower_file_root(standalone: tuple[str, int, ManagedProcess],
                                          gateway_suite: GatewaySuite) -> None:
     base, metrics_port, _proc = standalone
     with httpx.Client(base_url=base, headers=gateway_suite.auth, timeout=120) as http:
@@ -130,15 +129,16 @@ def test_metrics_and_a_narrower_file_root(standalone: tuple[str, int, subprocess
     assert value("gateway_thumbnails_total", outcome="refused") == 1
 
 
-def test_sigterm_stops_it_cleanly(standalone: tuple[str, int, subprocess.Popen[bytes]]) -> None:
+def test_sigterm_stops_it_cleanly(standalone: tuple[str, int, ManagedProcess]) -> None:
     base, _port, proc = standalone
     assert httpx.get(base + "/healthz").status_code == 200
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 0, output.decode(errors="replace")[-3000:]
+    code = proc.wait(30)
+    output = proc.log()
+    assert code == 0, output[-3000:]
     assert time.monotonic() - started < 10
-    assert b"server stopped" in output
+    assert "server stopped" in output
 
 
 def test_the_demo_finds_the_running_suites_page(tmp_path: Path) -> None:

@@ -4,13 +4,8 @@ and capture every log line they write), and ingest bookkeeping."""
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import io
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -24,8 +19,8 @@ from PIL import Image
 
 from mmsearch.common.v1 import types_pb2
 from mmsearch.search.v1 import search_pb2, search_pb2_grpc
+from mmsearch.suite import ManagedProcess, free_port, service_spec
 from services.common.server import RunningServer, start_server
-from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -157,87 +152,16 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-_STARTED: list[ServiceProcess] = []
-
-
-@atexit.register
-def _stop_leftovers() -> None:
-    """Processes run in their own session (so a kill -9 hits only them): stop any a failed
-    test left behind when the test process exits."""
-    for p in _STARTED:
-        with contextlib.suppress(Exception):
-            p.stop()
-
-
-class ServiceProcess:
-    """`python -m services.<name>` with `<PREFIX>_*` settings; stdout+stderr to a log file.
-
-    The port is chosen once, so a restart after kill -9 listens where clients already dial.
-    """
+class ServiceProcess(ManagedProcess):
+    """`python -m services.<name>` (the launcher's `ManagedProcess`) with `<PREFIX>_*`
+    settings and a 1 s shutdown grace unless `env` says otherwise; every line it writes goes
+    to `<log_dir>/<name>.log`. The port is chosen once, so a restart after `kill9()` listens
+    where clients already dial. Started from the main thread, it dies with the test process."""
 
     def __init__(self, name: str, env: dict[str, str], log_dir: Path, port: int | None = None) -> None:
-        self.name = name
-        self.prefix = name.upper()
         self.port = port or free_port()
-        self.env = env
-        self.log_path = log_dir / f"{name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self) -> ServiceProcess:
-        p = self.prefix
-        env = {**os.environ, f"{p}_HOST": "127.0.0.1", f"{p}_GRPC_PORT": str(self.port),
-               f"{p}_METRICS_PORT": "-1", f"{p}_SHUTDOWN_GRACE_S": "1", **self.env}
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it; appended across restarts
-        self.proc = subprocess.Popen([sys.executable, "-m", f"services.{self.name}"], cwd=ROOT, env=env,
-                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
-        self.starts += 1
-        _STARTED.append(self)
-        return self
-
-    async def wait_serving(self, timeout_s: float = 120) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
-            if await health_of(self.address) == SERVING:
-                return
-            await asyncio.sleep(0.2)
-        raise TimeoutError(f"{self.name} not SERVING after {timeout_s} s:\n{self.tail()}")
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def tail(self, n: int = 40) -> str:
-        return "\n".join(self.log().splitlines()[-n:])
+        super().__init__(service_spec(name, self.port, {f"{name.upper()}_SHUTDOWN_GRACE_S": "1", **env}, cwd=str(ROOT)),
+                         log_file=log_dir / f"{name}.log")
 
 
 @contextlib.contextmanager

@@ -61,7 +61,7 @@ class Suite:
 
     def assert_alive(self, after: str) -> None:
         for name, p in self.procs.items():
-            assert p.proc is not None and p.proc.poll() is None, f"{name} died after {after!r}:\n{p.tail()}"
+            assert p.alive, f"{name} died after {after!r}:\n" + "\n".join(p.tail(40))
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
@@ -80,10 +80,10 @@ async def suite(milvus_server: MilvusLiteServer, tmp_path_factory: pytest.TempPa
     try:
         embedder.start()
         captioner.start()
-        await embedder.wait_serving(180)
-        await captioner.wait_serving(180)
+        await embedder.wait_ready_async(180)
+        await captioner.wait_ready_async(180)
         search.start()
-        await search.wait_serving(120)
+        await search.wait_ready_async(120)
         channels = {name: grpc.aio.insecure_channel(p.address, options=options) for name, p in procs.items()}
         yield Suite(procs, channels)
     finally:

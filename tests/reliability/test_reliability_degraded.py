@@ -114,7 +114,7 @@ async def test_embedder_killed_milvus_calls_serve_text_search_fails_fast_then_re
     search = None
     try:
         embedder.start(), captioner.start()
-        await embedder.wait_serving(120), await captioner.wait_serving(120)
+        await embedder.wait_ready_async(120), await captioner.wait_ready_async(120)
         search = await start_search(milvus_server.uri, embedder.address, captioner.address,
                                     collection="degraded_embedder", upstream_attempts=2,
                                     max_concurrent_searches=2, max_waiting_searches=0)
@@ -150,7 +150,7 @@ async def test_embedder_killed_milvus_calls_serve_text_search_fails_fast_then_re
             assert all(isinstance(r, search_pb2.SearchResponse) and len(r.hits) == 3 for r in results[40:]), results[40:]
 
             embedder.start()  # same port
-            await embedder.wait_serving(120)
+            await embedder.wait_ready_async(120)
             back_s = await wait_name(search.address, "search.text", SERVING, 10)
             print(f"text search capability SERVING {back_s:.2f} s after the embedder serves again")
             assert len((await stub.Search(text("a cat"), timeout=10)).hits) == 3
@@ -167,7 +167,7 @@ async def test_search_started_30s_before_the_embedder_serves_milvus_calls_then_p
     collection = "degraded_late_embedder"
     try:
         embedder.start(), captioner.start()
-        await embedder.wait_serving(120), await captioner.wait_serving(120)
+        await embedder.wait_ready_async(120), await captioner.wait_ready_async(120)
         # An earlier life of the deployment built the collection.
         first = await start_search(milvus_server.uri, embedder.address, captioner.address, collection=collection)
         async with grpc.aio.insecure_channel(first.address) as channel:
@@ -196,7 +196,7 @@ async def test_search_started_30s_before_the_embedder_serves_milvus_calls_then_p
             assert rounds >= 10
 
             embedder.start()
-            await embedder.wait_serving(120)
+            await embedder.wait_ready_async(120)
             bound_s = await wait_name(search.address, "search.text", SERVING, 15)
             print(f"search started in {start_s:.2f} s; bound the late embedder {bound_s:.2f} s after it served")
             assert len((await stub.Search(text("a cat"), timeout=10)).hits) == 3
@@ -226,7 +226,7 @@ async def test_captioner_killed_search_serves_ingest_defers_then_backfill_captio
     search = None
     try:
         embedder.start(), captioner.start()
-        await embedder.wait_serving(120), await captioner.wait_serving(120)
+        await embedder.wait_ready_async(120), await captioner.wait_ready_async(120)
         search = await start_search(milvus_server.uri, embedder.address, captioner.address,
                                     collection="degraded_captioner", upstream_attempts=2, upstream_timeout_s=10,
                                     on_caption_failure="defer", pending_images_dir=tmp_path / "pending")
@@ -289,7 +289,7 @@ async def test_captioner_killed_search_serves_ingest_defers_then_backfill_captio
             assert all(o.status == search_pb2.BACKFILL_STATUS_FAILED for o in down.values())
 
             captioner.start()
-            await captioner.wait_serving(120)
+            await captioner.wait_ready_async(120)
             await wait_name(search.address, "ingest.caption", SERVING, 10)
             calls_before = cap_fake.calls
             part, progress = await backfill(stub, max_items=4)  # interrupted after 4 ...
@@ -334,7 +334,7 @@ async def test_a_collection_made_before_deferred_captions_keeps_working(
     search = None
     try:
         embedder.start(), captioner.start()
-        await embedder.wait_serving(120), await captioner.wait_serving(120)
+        await embedder.wait_ready_async(120), await captioner.wait_ready_async(120)
         search = await start_search(milvus_server.uri, embedder.address, captioner.address,
                                     collection="pre_deferral", on_caption_failure="defer", upstream_attempts=2)
         async with grpc.aio.insecure_channel(search.address) as channel:

@@ -88,7 +88,7 @@ async def test_kill9_mid_ingest_then_rerun_stores_each_item_exactly_once(
         for p in procs.values():
             p.start()
         for p in procs.values():
-            await p.wait_serving(240)
+            await p.wait_ready_async(240)
         search = await start_search(milvus_server.uri, procs["embedder"].address, procs["captioner"].address,
                                     collection=collection, upstream_attempts=2,
                                     upstream_timeout_s=20 if BACKEND == "dashscope" else 300,
@@ -109,7 +109,7 @@ async def test_kill9_mid_ingest_then_rerun_stores_each_item_exactly_once(
             target.start()  # same port; takes a while to serve again
             for r in requests[cut1:cut2]:
                 yield r
-            await target.wait_serving(240)
+            await target.wait_ready_async(240)
             # Search itself stays SERVING throughout (Milvus answers); the capability that
             # needs the victim says when search reaches it again.
             capability = {"captioner": "ingest.caption", "embedder": "ingest"}[victim]

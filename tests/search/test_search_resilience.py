@@ -182,7 +182,7 @@ async def test_milvus_restart_is_survived_without_restarting_search(
         async with grpc.aio.insecure_channel(search.address) as channel:
             stub = search_pb2_grpc.SearchStub(channel)
             await ingest(stub, [search_pb2.IngestItem(image=types_pb2.Image(data=photos[n].data)) for n in ("cat", "coffee")])
-            milvus.stop(kill=True)
+            milvus.kill9()
             await wait_health(search, health_pb2.HealthCheckResponse.NOT_SERVING, 10)
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await stub.Search(text_query("a cat"))

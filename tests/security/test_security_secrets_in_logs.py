@@ -78,10 +78,10 @@ async def test_no_secret_in_any_log_line_or_error(fakes: tuple[FakeUpstream, Fak
     try:
         embedder.start()
         captioner.start()
-        await embedder.wait_serving()
-        await captioner.wait_serving()
+        await embedder.wait_ready_async(120)
+        await captioner.wait_ready_async(120)
         search.start()
-        await search.wait_serving()
+        await search.wait_ready_async(120)
 
         # Upstream failures whose bodies echo the key: retried ones, and final ones.
         echo = f"request had Authorization: Bearer {CAPTIONER_KEY}"
