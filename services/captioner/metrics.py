@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from services.common.upstream import UpstreamError, UpstreamObserver
+
 CAPTIONS = Counter(
     "captioner_captions_total",
     "Captions requested, by backend and outcome (ok or the gRPC status name, lower case).",
@@ -47,3 +49,30 @@ def set_model_info(backend: str, model_id: str) -> None:
     """Publishes the served model (replacing any earlier one of this process)."""
     MODEL_INFO.clear()
     MODEL_INFO.labels(backend, model_id).set(1)
+
+
+class UpstreamMetrics(UpstreamObserver):
+    """The captioner_upstream_* series of one backend, fed by the shared UpstreamCaller."""
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        self._seconds = UPSTREAM_SECONDS.labels(backend)
+        self._retries = UPSTREAM_RETRIES.labels(backend)
+        self._inflight = UPSTREAM_INFLIGHT.labels(backend)
+        self._waiting = UPSTREAM_WAITING.labels(backend)
+
+    def attempt_outcome(self, error: UpstreamError | None) -> None:
+        if error is not None:
+            UPSTREAM_ERRORS.labels(self.backend, error.kind).inc()
+
+    def attempt_seconds(self, seconds: float) -> None:
+        self._seconds.observe(seconds)
+
+    def retrying(self, error: BaseException | None) -> None:
+        self._retries.inc()
+
+    def inflight(self, delta: int) -> None:
+        self._inflight.inc(delta)
+
+    def waiting(self, delta: int) -> None:
+        self._waiting.inc(delta)

@@ -11,15 +11,16 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field, replace
 
 from services.captioner import metrics
-from services.captioner.backends.base import CaptionBackend, CaptionJob, encode_for_upload
+from services.captioner.backends.base import CaptionBackend, CaptionJob
 from services.captioner.cache import CacheKey, CaptionCache
 from services.captioner.parsing import clean_keywords, limit_words, parse_caption
 from services.captioner.settings import CaptionerSettings
-from services.captioner.upstream import UpstreamRunner
+from services.common.deadline import NO_DEADLINE, Deadline
 from services.common.errors import DeadlineExceeded, InvalidInput, ServiceError
 from services.common.images import DecodedImage, PixelNeed, decode_image, sha256_hex
 from services.common.intake import ImageIntake, ImageRef
 from services.common.log import get_logger
+from services.common.upstream import UpstreamCaller, reencode_for_upload
 
 log = get_logger(__name__)
 
@@ -67,12 +68,16 @@ class CaptionService:
         self.backend = backend
         self.intake = intake or ImageIntake(settings.images, settings.uris)
         self.cache: CaptionCache[Caption] = CaptionCache(settings.cache_size)
-        self.runner = UpstreamRunner(
+        # The one upstream kit: concurrency limit + wait line, retries, deadline, scrubbing.
+        # The lite backend runs through it too (limit and deadline; never retried).
+        self.upstream = UpstreamCaller(
             backend.name,
             settings.retry,
-            settings.max_concurrency,
-            settings.max_waiting,
-            settings.request_timeout_s,
+            max_concurrency=settings.max_concurrency,
+            max_waiting=settings.max_waiting,
+            request_timeout_s=settings.request_timeout_s,
+            secrets=[settings.api_key.get_secret_value() if settings.api_key else None],
+            observer=metrics.UpstreamMetrics(backend.name),
         )
         self._started = False
 
@@ -98,21 +103,20 @@ class CaptionService:
 
     # --- captioning -----------------------------------------------------------------
 
-    async def caption(self, request: CaptionRequest, deadline_s: float | None = None) -> Caption:
-        """One caption; `deadline_s` is the caller's remaining time (None: no deadline)."""
-        deadline_at = self._deadline_at(deadline_s)
-        return await self._counted(self._caption(request, deadline_at))
+    async def caption(self, request: CaptionRequest, deadline: Deadline = NO_DEADLINE) -> Caption:
+        """One caption within the caller's `deadline` (and `call_deadline_s`)."""
+        return await self._counted(self._caption(request, self._bound(deadline)))
 
     async def caption_batch(
-        self, requests: Sequence[CaptionRequest], deadline_s: float | None = None
+        self, requests: Sequence[CaptionRequest], deadline: Deadline = NO_DEADLINE
     ) -> list[Caption | ServiceError]:
         """Each request gets its caption or its own error; one bad image fails nothing else."""
         self.check_batch_size(len(requests))
-        deadline_at = self._deadline_at(deadline_s)
+        bounded = self._bound(deadline)
 
         async def one(index: int, request: CaptionRequest) -> Caption | ServiceError:
             try:
-                return await self._counted(self._caption(request, deadline_at))
+                return await self._counted(self._caption(request, bounded))
             except ServiceError as e:
                 return e
             except Exception:
@@ -129,11 +133,9 @@ class CaptionService:
 
     # --- internals ------------------------------------------------------------------
 
-    def _deadline_at(self, deadline_s: float | None) -> float:
-        budget = self.settings.call_deadline_s
-        if deadline_s is not None:
-            budget = min(budget, max(0.0, deadline_s))
-        return asyncio.get_running_loop().time() + budget
+    def _bound(self, deadline: Deadline) -> Deadline:
+        """The caller's deadline, or `call_deadline_s` from now when that comes first."""
+        return deadline.sooner(self.settings.call_deadline_s)
 
     async def _counted(self, work: Awaitable[Caption]) -> Caption:
         outcome = "ok"
@@ -176,11 +178,10 @@ class CaptionService:
             prompt += "\n" + LANGUAGE_INSTRUCTIONS[language]
         return _Resolved(prompt, language, max_words)
 
-    async def _caption(self, request: CaptionRequest, deadline_at: float) -> Caption:
+    async def _caption(self, request: CaptionRequest, deadline: Deadline) -> Caption:
         resolved = self._resolve(request)
-        loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout_at(deadline_at):
+            async with asyncio.timeout(deadline.cap(None, floor=0.0)):
                 data = await self.intake.read(request.image)
         except TimeoutError:
             raise DeadlineExceeded("deadline exceeded while reading the image") from None
@@ -191,10 +192,10 @@ class CaptionService:
         if hit is not None:
             return replace(hit, cached=True)
 
-        job = await self._prepare(data, resolved, deadline_at - loop.time())
-        result = await self.runner.run(
+        job = await self._prepare(data, resolved, deadline)
+        result = await self.upstream.call(
             lambda timeout_s: self.backend.caption(job, timeout_s),
-            deadline_at,
+            deadline,
             retries=self.backend.remote,
         )
         if result.description is not None:
@@ -211,7 +212,7 @@ class CaptionService:
         self.cache.put(key, caption)
         return caption
 
-    async def _prepare(self, data: bytes, resolved: _Resolved, remaining_s: float) -> CaptionJob:
+    async def _prepare(self, data: bytes, resolved: _Resolved, deadline: Deadline) -> CaptionJob:
         """Decodes (validating limits) and, for remote backends, encodes the upload; off the loop."""
         s = self.settings
 
@@ -220,11 +221,13 @@ class CaptionService:
             decoded: DecodedImage = decode_image(data, s.images, need)
             upload, mime = b"", ""
             if self.backend.remote:
-                upload, mime = encode_for_upload(decoded, data, s.upload_max_side_px, s.upload_max_bytes)
+                upload, mime = reencode_for_upload(
+                    decoded, data, max_bytes=s.upload_max_bytes, max_side=s.upload_max_side_px
+                )
             return CaptionJob(decoded.image, resolved.prompt, resolved.language, resolved.max_words, upload, mime)
 
         try:
-            async with asyncio.timeout(max(0.0, remaining_s)):
+            async with asyncio.timeout(deadline.cap(None, floor=0.0)):
                 return await asyncio.to_thread(work)
         except TimeoutError:
             raise DeadlineExceeded("deadline exceeded while decoding the image") from None

@@ -7,9 +7,9 @@ import grpc
 from mmsearch.captioner.v1 import captioner_pb2, captioner_pb2_grpc
 from mmsearch.common.v1 import types_pb2
 from services.captioner.service import Caption, CaptionRequest, CaptionService
-from services.common.convert import image_ref_from_proto
-from services.common.interceptors import item_error
+from services.common.convert import deadline_of, image_ref_from_proto
 from services.common.errors import InvalidInput, ServiceError, at_index
+from services.common.interceptors import item_error
 
 _LANGUAGES = {
     captioner_pb2.LANGUAGE_UNSPECIFIED: None,
@@ -54,7 +54,7 @@ class CaptionerServicer(captioner_pb2_grpc.CaptionerServicer):
     async def Caption(
         self, request: captioner_pb2.CaptionRequest, context: grpc.aio.ServicerContext
     ) -> captioner_pb2.CaptionResponse:
-        caption = await self.service.caption(request_from_proto(request), context.time_remaining())
+        caption = await self.service.caption(request_from_proto(request), deadline_of(context))
         return captioner_pb2.CaptionResponse(caption=caption_to_proto(caption))
 
     async def CaptionBatch(
@@ -68,7 +68,7 @@ class CaptionerServicer(captioner_pb2_grpc.CaptionerServicer):
                 valid.append((i, request_from_proto(item)))
             except ServiceError as e:
                 results[i] = captioner_pb2.CaptionResult(error=_error_to_proto(at_index(i, e)))
-        outcomes = await self.service.caption_batch([r for _, r in valid], context.time_remaining()) if valid else []
+        outcomes = await self.service.caption_batch([r for _, r in valid], deadline_of(context)) if valid else []
         for (i, _), outcome in zip(valid, outcomes, strict=True):
             if isinstance(outcome, ServiceError):
                 results[i] = captioner_pb2.CaptionResult(error=_error_to_proto(at_index(i, outcome)))

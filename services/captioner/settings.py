@@ -1,7 +1,8 @@
 """Typed configuration of the captioner, read from `CAPTIONER_*` environment variables.
 
 docs/captioner.md lists every variable. Nested fields use `__`, e.g.
-`CAPTIONER_RETRY__MAX_ATTEMPTS=5`.
+`CAPTIONER_RETRY__MAX_ATTEMPTS=5` (the same `RetrySettings` group as the embedder's
+`EMBEDDER_DASHSCOPE__RETRY__*`; conventions at the top of services/common/settings.py).
 """
 
 from __future__ import annotations
@@ -11,8 +12,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from services.common.retries import RetrySettings
-from services.common.settings import ServerSettings
+from services.common.settings import RetrySettings, ServerSettings, vendor_dashscope_api_key
 
 Backend = Literal["lite", "dashscope", "openai"]
 LanguageCode = Literal["en", "zh"]
@@ -64,7 +64,7 @@ class CaptionerSettings(ServerSettings):
     max_output_tokens: int = Field(default=300, ge=16)
     temperature: float | None = None
 
-    # --- upstream behaviour ---------------------------------------------------------
+    # --- upstream behaviour (services/common/upstream.py) -----------------------------
     retry: RetrySettings = Field(default_factory=RetrySettings)
     # Upstream calls in flight at once (model runs, for lite); more wait for a slot.
     max_concurrency: int = Field(default=8, ge=1)
@@ -96,6 +96,9 @@ class CaptionerSettings(ServerSettings):
     def _check(self) -> CaptionerSettings:
         if self.default_max_words > self.max_words_limit:
             raise ValueError("default_max_words must not exceed max_words_limit")
+        if self.backend == "dashscope" and self.api_key is None:
+            # The SDK's own variable (only for DashScope: never sent to another endpoint).
+            self.api_key = vendor_dashscope_api_key()
         return self
 
     @property

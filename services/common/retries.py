@@ -1,22 +1,18 @@
-"""Retry policy for HTTP upstreams (DashScope, OpenAI-compatible endpoints).
+"""The retry policy of remote upstream calls, on tenacity.
 
-Built on tenacity: exponential backoff with full jitter, a bounded number of attempts
-and a total time budget that never outlives the caller's deadline.
+Exponential backoff with full jitter, a bounded number of attempts and a total time
+budget that never outlives the caller's deadline. `services/common/upstream.py`
+(`UpstreamCaller`) is its one user; `RetrySettings` lives with the other shared settings.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from pydantic import BaseModel
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, stop_before_delay, wait_random_exponential
 
+from services.common.settings import RetrySettings
 
-class RetrySettings(BaseModel):
-    max_attempts: int = 4
-    initial_backoff_s: float = 0.2
-    max_backoff_s: float = 5.0
-    # Total time for all attempts of one call; also capped by the caller's deadline.
-    budget_s: float = 30.0
+__all__ = ["RetrySettings", "upstream_retrying"]
 
 
 def upstream_retrying(
@@ -25,7 +21,11 @@ def upstream_retrying(
     deadline_s: float | None = None,
     before_sleep: Callable[..., None] | None = None,
 ) -> AsyncRetrying:
-    """Use as `async for attempt in upstream_retrying(...): with attempt: ...`."""
+    """Use as `async for attempt in upstream_retrying(...): with attempt: ...`.
+
+    `deadline_s`: seconds the caller has left (None: no deadline); the budget is the
+    smaller of it and `settings.budget_s`.
+    """
     budget = settings.budget_s if deadline_s is None else max(0.0, min(settings.budget_s, deadline_s))
     return AsyncRetrying(
         # stop_before_delay: never start a backoff sleep that would end past the budget.

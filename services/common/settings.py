@@ -1,11 +1,28 @@
 """Typed settings shared by every service, read from environment variables.
 
-Each service subclasses `ServerSettings` with its own `env_prefix` (EMBEDDER_,
-CAPTIONER_, SEARCH_), so one container image runs anywhere by environment alone
-(12-factor). docs/configuration.md lists every variable.
+One convention for every service (search, embedder, captioner, gateway):
+
+- Each service subclasses `ServerSettings` (the gateway: `BaseSettings` with the same
+  config) with its own `env_prefix` (`SEARCH_`, `EMBEDDER_`, `CAPTIONER_`, `GATEWAY_`)
+  and `env_nested_delimiter="__"`, so one container image runs anywhere by environment
+  alone (12-factor).
+- A group of related settings that belongs together (and that more than one service
+  has, or that a service has more than once) is a nested model, named once here and
+  read the same way everywhere: `TLS__` (`TlsSettings`), `IMAGES__` (`ImageLimits`),
+  `URIS__` (`UriSettings`), `RETRY__` (`RetrySettings`, every remote upstream), a
+  client's `..._TLS__` (`ClientTlsSettings`), and a backend's own knobs under its name
+  (`EMBEDDER_DASHSCOPE__...`, `EMBEDDER_LITE__...`). Single knobs stay flat.
+- Nothing outside a settings module reads the environment. The only variables read
+  without a service prefix are the vendor SDK's `DASHSCOPE_API_KEY` (a fallback for an
+  unset DashScope API key field) and `MMSEARCH_CACHE_DIR` (derived model data shared
+  with the CLI), both read here (`vendor_dashscope_api_key`, `shared_cache_dir`).
+- A renamed variable keeps its old name working (`AliasChoices`).
+
+docs/configuration.md lists every variable.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,6 +30,30 @@ from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1024 * 1024
+
+
+def vendor_dashscope_api_key() -> SecretStr | None:
+    """The DashScope SDK's own `DASHSCOPE_API_KEY` (fallback for unset API key fields)."""
+    value = os.environ.get("DASHSCOPE_API_KEY")
+    return SecretStr(value) if value else None
+
+
+def shared_cache_dir() -> Path:
+    """`MMSEARCH_CACHE_DIR`, else ~/.cache/mmsearch: derived model data (ConSE class vectors)."""
+    value = os.environ.get("MMSEARCH_CACHE_DIR")
+    return Path(value) if value else Path.home() / ".cache" / "mmsearch"
+
+
+class RetrySettings(BaseModel):
+    """Retries of one remote upstream call (`services/common/upstream.py`): exponential
+    backoff with full jitter, bounded by attempts and by a time budget that the caller's
+    deadline shortens. Nested as `RETRY__` wherever a service calls a remote API."""
+
+    max_attempts: int = Field(default=4, ge=1)
+    initial_backoff_s: float = Field(default=0.2, ge=0)
+    max_backoff_s: float = Field(default=5.0, ge=0)
+    # Total time for all attempts of one call; also capped by the caller's deadline.
+    budget_s: float = Field(default=30.0, gt=0)
 
 
 class TlsSettings(BaseModel):

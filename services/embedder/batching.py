@@ -37,6 +37,7 @@ from typing import Any, Self
 import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 
+from services.common.deadline import NO_DEADLINE, Deadline
 from services.common.errors import DeadlineExceeded, Overloaded, Unavailable
 from services.common.log import get_logger
 
@@ -60,8 +61,20 @@ INFERENCE_SECONDS = Histogram(
 )
 ITEMS_TOTAL = Counter("embedder_items_total", "Items embedded, by the modality the caller sent.", ("modality",))
 
-# (modality, items, deadline) -> float32 [len(items), dim]; deadline is time.monotonic().
-ForwardFn = Callable[[str, list[Any], float | None], Awaitable[np.ndarray]]
+# (modality, items, deadline) -> float32 [len(items), dim].
+ForwardFn = Callable[[str, list[Any], Deadline], Awaitable[np.ndarray]]
+
+
+def _passed(deadline: Deadline, now: float) -> bool:
+    """Whether `deadline` is at or before `now` (one `time.monotonic()` for a whole scan)."""
+    return deadline.at is not None and deadline.at <= now
+
+
+def _latest(deadlines: Sequence[Deadline]) -> Deadline:
+    """The deadline of a merged batch: the latest of its callers' (none if any has none)."""
+    if any(d.at is None for d in deadlines):
+        return NO_DEADLINE
+    return max(deadlines, key=lambda d: d.at or 0.0)
 
 
 @dataclass(eq=False)
@@ -69,7 +82,7 @@ class _Pending:
     """One caller's items of one modality, waiting in a queue."""
 
     items: Sequence[Any]
-    deadline: float | None
+    deadline: Deadline
     future: asyncio.Future[np.ndarray]
     admission: Admission
     enqueued_at: float = field(default_factory=time.monotonic)
@@ -108,7 +121,7 @@ class Admission:
             self._held -= n
             self._batcher._release(n)
 
-    async def run(self, modality: str, items: Sequence[Any], deadline: float | None) -> np.ndarray:
+    async def run(self, modality: str, items: Sequence[Any], deadline: Deadline = NO_DEADLINE) -> np.ndarray:
         """Queues admitted items for the model and returns their vectors, in order."""
         return await self._batcher._enqueue(self, modality, items, deadline)
 
@@ -211,13 +224,13 @@ class DynamicBatcher:
         QUEUE_DEPTH.dec(n)
 
     async def _enqueue(
-        self, admission: Admission, modality: str, items: Sequence[Any], deadline: float | None
+        self, admission: Admission, modality: str, items: Sequence[Any], deadline: Deadline
     ) -> np.ndarray:
         if not items:
             return np.zeros((0, 0), dtype=np.float32)
         if self._closed:
             raise Unavailable("the embedder is shutting down")
-        if deadline is not None and deadline <= time.monotonic():
+        if deadline.expired():
             raise DeadlineExceeded("deadline exceeded before the items were queued")
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
         pending = _Pending(items, deadline, future, admission)
@@ -247,7 +260,7 @@ class DynamicBatcher:
                 if head.future.done() or head.failed:
                     queue.popleft()
                     self._drop(modality, head, None)
-                elif head.deadline is not None and head.deadline <= now:
+                elif _passed(head.deadline, now):
                     queue.popleft()
                     self._drop(modality, head, DeadlineExceeded("deadline exceeded while queued for the model"))
                 else:
@@ -266,7 +279,7 @@ class DynamicBatcher:
                 queue.popleft()
                 self._drop(modality, pending, None)
                 continue
-            if pending.deadline is not None and pending.deadline <= now:
+            if _passed(pending.deadline, now):
                 queue.popleft()
                 self._drop(modality, pending, DeadlineExceeded("deadline exceeded while queued for the model"))
                 continue
@@ -324,10 +337,9 @@ class DynamicBatcher:
             items: list[Any] = []
             for s in slices:
                 items.extend(s.pending.items[s.start : s.stop])
-            deadlines = [s.pending.deadline for s in slices]
             # The latest deadline bounds the batch: one impatient caller must not cut
             # the retry budget of the others (its own future fails on its own timer).
-            deadline = None if any(d is None for d in deadlines) else max(d for d in deadlines if d is not None)
+            deadline = _latest([s.pending.deadline for s in slices])
             BATCH_SIZE.labels(modality).observe(len(items))
             started = time.perf_counter()
             try:

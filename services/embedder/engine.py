@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from services.common.convert import ComposedContent, Content, ImageContent, TextContent
+from services.common.deadline import NO_DEADLINE, Deadline
 from services.common.errors import DeadlineExceeded, InvalidInput, ServiceError, Unavailable, at_index
 from services.common.images import decode_image
 from services.common.intake import ImageIntake
@@ -190,13 +191,13 @@ class EmbeddingEngine:
                 f"{field} is {len(text)} characters, more than the limit of {self.settings.max_text_chars}"
             )
 
-    async def embed(self, items: Sequence[Content], deadline: float | None = None) -> np.ndarray:
+    async def embed(self, items: Sequence[Content], deadline: Deadline = NO_DEADLINE) -> np.ndarray:
         """Vectors [len(items), dimension] in request order, L2-normalised."""
         if self._failed is not None:
             raise Unavailable(f"the model has failed and is not serving: {self._failed}")
         batcher = self.batcher
         self.validate(items)
-        if deadline is not None and deadline <= time.monotonic():
+        if deadline.expired():
             raise DeadlineExceeded("deadline exceeded before embedding started")
         native = self.info.composed_native
         model_items = sum(2 if isinstance(c, ComposedContent) and not native else 1 for c in items)
@@ -285,7 +286,7 @@ class EmbeddingEngine:
             return self.backend.preprocess_composed(decoded, data, instruction)
         return self.backend.preprocess_image(decoded, data), self.backend.preprocess_text(instruction)
 
-    async def _forward(self, modality: str, batch: list[Any], deadline: float | None) -> np.ndarray:
+    async def _forward(self, modality: str, batch: list[Any], deadline: Deadline) -> np.ndarray:
         """Runs one merged batch; tracks errors that mean the model cannot serve."""
         backend = self.backend
         try:

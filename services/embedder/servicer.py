@@ -6,12 +6,10 @@ ErrorMappingInterceptor; this module never calls `context.abort` for them.
 
 from __future__ import annotations
 
-import time
-
 import grpc
 
 from mmsearch.embedder.v1 import embedder_pb2, embedder_pb2_grpc
-from services.common.convert import Content, content_from_proto, embedding_to_proto
+from services.common.convert import Content, content_from_proto, deadline_of, embedding_to_proto
 from services.common.errors import ServiceError, at_index
 from services.embedder.backends.base import Modality
 from services.embedder.engine import EmbeddingEngine
@@ -21,12 +19,6 @@ _MODALITY_TO_PROTO = {
     Modality.IMAGE: embedder_pb2.MODALITY_IMAGE,
     Modality.COMPOSED: embedder_pb2.MODALITY_COMPOSED,
 }
-
-
-def _deadline(context: grpc.aio.ServicerContext) -> float | None:
-    """The caller's deadline on our monotonic clock (None when the call has none)."""
-    remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
 
 
 class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
@@ -42,7 +34,7 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
                 items.append(content_from_proto(msg))
             except ServiceError as e:
                 raise at_index(i, e) from None
-        vectors = await self._engine.embed(items, _deadline(context))
+        vectors = await self._engine.embed(items, deadline_of(context))
         info = self._engine.info
         return embedder_pb2.EmbedResponse(
             embeddings=[embedding_to_proto(v) for v in vectors],

@@ -1,7 +1,8 @@
 """Embedder settings: one typed object, read from `EMBEDDER_*` environment variables.
 
-Nested groups use `__`, e.g. `EMBEDDER_DASHSCOPE__API_KEY`, `EMBEDDER_DASHSCOPE__RETRY__MAX_ATTEMPTS`.
-docs/embedder.md lists every variable.
+Nested groups use `__`, e.g. `EMBEDDER_DASHSCOPE__API_KEY`, `EMBEDDER_DASHSCOPE__RETRY__MAX_ATTEMPTS`
+(the same `RetrySettings` group as the captioner's `CAPTIONER_RETRY__*`; conventions at the
+top of services/common/settings.py). docs/embedder.md lists every variable.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from services.common.retries import RetrySettings
-from services.common.settings import MiB, ServerSettings
+from services.common.settings import MiB, RetrySettings, ServerSettings, shared_cache_dir, vendor_dashscope_api_key
 
 BackendName = Literal["lite", "clip", "bge", "dashscope"]
 
@@ -23,6 +23,13 @@ class LiteSettings(BaseModel):
 
     # ConSE: how many of the most probable ImageNet classes form an image's vector.
     top_t: int = Field(default=10, ge=1, le=1000)
+    # Where the ConSE class vectors are cached (derived from the models, rebuilt when
+    # missing). Unset: MMSEARCH_CACHE_DIR, else ~/.cache/mmsearch (shared with the CLI).
+    cache_dir: Path | None = None
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        return self.cache_dir if self.cache_dir is not None else shared_cache_dir()
 
 
 class BgeSettings(BaseModel):
@@ -56,6 +63,12 @@ class DashScopeSettings(BaseModel):
     # Timeout of one HTTP attempt; the caller's deadline shortens it.
     request_timeout_s: float = Field(default=30.0, gt=0)
     retry: RetrySettings = Field(default_factory=RetrySettings)
+
+    @model_validator(mode="after")
+    def _vendor_key(self) -> DashScopeSettings:
+        if self.api_key is None:
+            self.api_key = vendor_dashscope_api_key()
+        return self
 
 
 class EmbedderSettings(ServerSettings):

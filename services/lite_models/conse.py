@@ -46,9 +46,10 @@ _CLASS_VECTOR_FORMAT = 1
 
 
 def default_cache_dir() -> Path:
-    """``$MMSEARCH_CACHE_DIR`` or ``~/.cache/mmsearch``."""
-    env = os.environ.get("MMSEARCH_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "mmsearch"
+    """``$MMSEARCH_CACHE_DIR`` or ``~/.cache/mmsearch`` (read by the settings module)."""
+    from services.common.settings import shared_cache_dir
+
+    return shared_cache_dir()
 
 
 def _l2_normalise(x: np.ndarray) -> np.ndarray:

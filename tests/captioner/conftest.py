@@ -17,8 +17,8 @@ from services.captioner.app import captioner_app
 from services.captioner.backends import CaptionBackend, make_backend
 from services.captioner.service import CaptionService
 from services.captioner.settings import CaptionerSettings
-from services.common.retries import RetrySettings
 from services.common.server import RunningServer, start_server
+from services.common.settings import RetrySettings
 from tests.captioner.fakes import FakeUpstream
 
 API_KEY = "sk-test-Zq8v1LmN0pQrStUvWxYz"

@@ -12,7 +12,7 @@ import pytest
 
 from mmsearch.captioner.v1 import captioner_pb2, captioner_pb2_grpc
 from services.common.channels import create_channel
-from services.common.retries import RetrySettings
+from services.common.settings import RetrySettings
 from tests.captioner.conftest import API_KEY, caption_request, metric, remote_settings, serve
 from tests.captioner.fakes import FakeUpstream, Reply
 from tests.conftest import jpeg_bytes, png_bytes

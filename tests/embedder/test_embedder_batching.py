@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 import pytest
 
+from services.common.deadline import NO_DEADLINE, Deadline
 from services.common.errors import DeadlineExceeded, Overloaded
 from services.embedder.backends.clip import ClipBackend
 from services.embedder.batching import DynamicBatcher
@@ -27,7 +28,7 @@ class Model:
         self.in_flight = 0
         self.max_in_flight = 0
 
-    async def forward(self, modality: str, items: list[Any], deadline: float | None) -> np.ndarray:
+    async def forward(self, modality: str, items: list[Any], deadline: Deadline) -> np.ndarray:
         self.batches.append((modality, list(items)))
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -53,7 +54,7 @@ def batcher(model: Model, **kw: Any) -> DynamicBatcher:
     return b
 
 
-async def call(b: DynamicBatcher, modality: str, items: list[Any], deadline: float | None = None) -> np.ndarray:
+async def call(b: DynamicBatcher, modality: str, items: list[Any], deadline: Deadline = NO_DEADLINE) -> np.ndarray:
     with b.admit(len(items)) as admission:
         return await admission.run(modality, items, deadline)
 
@@ -128,8 +129,8 @@ async def test_an_expired_request_is_never_computed() -> None:
     try:
         busy = asyncio.create_task(call(b, "text", [0]))
         await asyncio.sleep(0.01)
-        late = asyncio.create_task(call(b, "text", [1], deadline=time.monotonic() + 0.05))
-        patient = asyncio.create_task(call(b, "text", [2], deadline=time.monotonic() + 30))
+        late = asyncio.create_task(call(b, "text", [1], deadline=Deadline.after(0.05)))
+        patient = asyncio.create_task(call(b, "text", [2], deadline=Deadline.after(30)))
         await asyncio.sleep(0.1)  # the first deadline passes while the model is busy
         model.gate.set()
         await busy
@@ -167,7 +168,7 @@ async def test_a_cancelled_caller_is_dropped_before_compute() -> None:
 async def test_a_model_error_reaches_every_caller_of_the_batch_and_batching_goes_on() -> None:
     calls = 0
 
-    async def flaky(modality: str, items: list[Any], deadline: float | None) -> np.ndarray:
+    async def flaky(modality: str, items: list[Any], deadline: Deadline) -> np.ndarray:
         nonlocal calls
         calls += 1
         if calls == 1:

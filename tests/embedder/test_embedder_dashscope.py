@@ -14,10 +14,9 @@ from PIL import Image
 
 from mmsearch.embedder.v1 import embedder_pb2
 from services.common.images import decode_image
-from services.common.retries import RetrySettings
-from services.common.settings import ImageLimits
+from services.common.settings import ImageLimits, RetrySettings
 from services.embedder.backends.base import l2_normalize
-from services.embedder.backends.dashscope import DashScopeBackend, image_data_uri
+from services.embedder.backends.dashscope import DashScopeBackend
 from services.embedder.settings import DashScopeSettings, EmbedderSettings
 from tests.embedder.conftest import encode, image, make_settings, metric, serve, text
 from tests.embedder.dashscope_fake import BAD_GATEWAY, INTERNAL_ERROR, THROTTLED, FakeDashScope, fake_vector
@@ -116,7 +115,7 @@ async def test_a_5xx_storm_beyond_the_retry_budget_is_unavailable(fake: FakeDash
             await served.embed(text("hello"))
         assert time.monotonic() - started < 3
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "after 3 attempt(s)" in caught.value.details()
+        assert "after 3 attempts" in caught.value.details()
         assert "InternalError" in caught.value.details() and "internal error has occured" in caught.value.details()
         assert len(fake.calls()) == 3  # max_attempts, no more
         # Server pushback: callers' gRPC retry policies must not multiply our attempts.
@@ -178,8 +177,9 @@ def test_large_or_unsupported_images_are_reencoded_under_the_limit() -> None:
     noisy = Image.fromarray(rng.integers(0, 255, (900, 900, 3), dtype=np.uint8))
     data = encode(noisy, "PNG")  # ~2.4 MB of noise
     decoded = decode_image(data, ImageLimits())
-    uri = image_data_uri(decoded, data, max_bytes=200_000)
+    uri = DashScopeBackend(DashScopeSettings(max_image_bytes=200_000)).preprocess_image(decoded, data)
     assert uri.startswith("data:image/jpeg;base64,")
     assert len(base64.b64decode(uri.split(",", 1)[1])) <= 200_000
     webp = encode(Image.new("RGB", (20, 20), (1, 2, 3)), "WEBP")
-    assert image_data_uri(decode_image(webp, ImageLimits()), webp, 3_000_000).startswith("data:image/jpeg;base64,")
+    backend = DashScopeBackend(DashScopeSettings())
+    assert backend.preprocess_image(decode_image(webp, ImageLimits()), webp).startswith("data:image/jpeg;base64,")

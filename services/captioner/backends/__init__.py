@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from services.captioner.backends.base import BackendCaption, CaptionBackend, CaptionJob, UpstreamError
+from services.captioner.backends.base import BackendCaption, CaptionBackend, CaptionJob
 from services.captioner.settings import CaptionerSettings
+from services.common.upstream import UpstreamError
 
 __all__ = ["BackendCaption", "CaptionBackend", "CaptionJob", "UpstreamError", "make_backend"]
 

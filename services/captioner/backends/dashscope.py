@@ -5,7 +5,8 @@ Uses `AioMultiModalConversation.call`, the asyncio twin of the tutorial's
 {base}/services/aigc/multimodal-generation/generation), so a deadline cancels the HTTP
 request instead of leaving a thread blocked. The base URL is passed per call
 (`base_address`) rather than by mutating the process-wide `dashscope.base_http_api_url`.
-The image goes inline as a data URI; the SDK's own retries are not used (one policy, ours).
+The image goes inline as a data URI; the SDK's own retries are not used (one policy, ours:
+services/common/upstream.py, which also scrubs the API key from every message).
 """
 
 from __future__ import annotations
@@ -17,37 +18,10 @@ from typing import Any
 
 import aiohttp
 
-from services.captioner.backends.base import (
-    BackendCaption,
-    CaptionBackend,
-    CaptionJob,
-    ErrorKind,
-    UpstreamError,
-    kind_for_status,
-    scrub,
-)
+from services.captioner.backends.base import BackendCaption, CaptionBackend, CaptionJob
 from services.captioner.settings import CaptionerSettings
 from services.common.errors import InvalidInput
-
-# DashScope error codes (the `code` field of an error body) that decide the outcome
-# regardless of the HTTP status.
-_REJECTED_CODES = ("DataInspectionFailed", "InvalidParameter", "InvalidImage", "InvalidInput", "BadRequest")
-_AUTH_CODES = ("InvalidApiKey", "AccessDenied", "Arrearage", "ModelNotFound", "Model.AccessDenied", "Unauthorized")
-_THROTTLE_CODES = ("Throttling", "RateQuota", "LimitRequests")
-_SERVER_CODES = ("InternalError", "ServiceUnavailable", "SystemError", "ModelUnavailable", "ModelServingError")
-
-
-def classify(status: int, code: str | None) -> ErrorKind:
-    code = code or ""
-    if code.startswith(_THROTTLE_CODES) or "Throttling" in code:
-        return "rate_limited"
-    if code.startswith(_AUTH_CODES):
-        return "auth"
-    if code.startswith(_REJECTED_CODES) or "DataInspection" in code:
-        return "rejected"
-    if code.startswith(_SERVER_CODES):
-        return "server"
-    return kind_for_status(status)
+from services.common.upstream import UpstreamError, dashscope_kind
 
 
 def _response_text(output: Any) -> str:
@@ -75,7 +49,7 @@ class DashScopeBackend(CaptionBackend):
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        if not self._api_key and not os.environ.get("DASHSCOPE_API_KEY"):
+        if not self._api_key:  # settings fall back to DASHSCOPE_API_KEY
             raise RuntimeError("the dashscope backend needs CAPTIONER_API_KEY (or DASHSCOPE_API_KEY)")
         # Our own session: closed with the service, bound to the serving event loop.
         self._session = aiohttp.ClientSession(trust_env=True)
@@ -108,16 +82,16 @@ class DashScopeBackend(CaptionBackend):
         except (TimeoutError, aiohttp.ServerTimeoutError) as e:
             raise UpstreamError("timeout", f"no answer within {timeout_s:.1f}s ({type(e).__name__})") from None
         except aiohttp.ClientConnectionError as e:
-            raise UpstreamError("connection", scrub(str(e) or type(e).__name__, self._api_key)) from None
+            raise UpstreamError("connection", str(e) or type(e).__name__) from None
         except (aiohttp.ContentTypeError, json.JSONDecodeError, ValueError, TypeError, KeyError) as e:
-            raise UpstreamError("malformed", scrub(f"{type(e).__name__}: {e}", self._api_key)) from None
+            raise UpstreamError("malformed", f"{type(e).__name__}: {e}") from None
         except aiohttp.ClientError as e:
-            raise UpstreamError("connection", scrub(f"{type(e).__name__}: {e}", self._api_key)) from None
+            raise UpstreamError("connection", f"{type(e).__name__}: {e}") from None
         status = int(getattr(response, "status_code", 0) or 0)
         if status != HTTPStatus.OK:
             code = getattr(response, "code", None) or None
-            message = scrub(getattr(response, "message", "") or "(no message)", self._api_key)
-            raise UpstreamError(classify(status, code), message, status=status, code=code)
+            message = str(getattr(response, "message", "") or "(no message)")
+            raise UpstreamError(dashscope_kind(status, code), message, status=status, code=code)
         try:
             text = _response_text(response.output)
         except (AttributeError, KeyError, IndexError, TypeError, ValueError) as e:

@@ -4,7 +4,8 @@ This is how teams self-host Qwen2.5-VL / Qwen3-VL (`vllm serve Qwen/Qwen2.5-VL-7
 then CAPTIONER_BASE_URL=http://vllm:8000/v1); DashScope's compatible mode
 (https://dashscope.aliyuncs.com/compatible-mode/v1) speaks it too. The image is an
 `image_url` content part holding a data URI. The SDK's own retries are off
-(`max_retries=0`): the service's retry policy is the only one.
+(`max_retries=0`): the shared upstream kit's retry policy is the only one
+(services/common/upstream.py, which also scrubs the API key from every message).
 """
 
 from __future__ import annotations
@@ -14,15 +15,9 @@ from typing import Any
 import openai
 from openai import AsyncOpenAI
 
-from services.captioner.backends.base import (
-    BackendCaption,
-    CaptionBackend,
-    CaptionJob,
-    UpstreamError,
-    kind_for_status,
-    scrub,
-)
+from services.captioner.backends.base import BackendCaption, CaptionBackend, CaptionJob
 from services.captioner.settings import CaptionerSettings
+from services.common.upstream import UpstreamError, kind_for_status
 
 #: vLLM without --api-key accepts any key, but the SDK insists on one.
 PLACEHOLDER_KEY = "EMPTY"
@@ -93,16 +88,16 @@ class OpenAIBackend(CaptionBackend):
         except openai.APITimeoutError:
             raise UpstreamError("timeout", f"no answer within {timeout_s:.1f}s") from None
         except openai.APIConnectionError as e:
-            raise UpstreamError("connection", scrub(str(e.__cause__ or e), self._api_key)) from None
+            raise UpstreamError("connection", str(e.__cause__ or e)) from None
         except openai.APIResponseValidationError as e:
-            raise UpstreamError("malformed", scrub(e.message, self._api_key), status=e.status_code) from None
+            raise UpstreamError("malformed", e.message, status=e.status_code) from None
         except openai.APIStatusError as e:
             message, code = _error_message(e)
             raise UpstreamError(
-                kind_for_status(e.status_code), scrub(message, self._api_key), status=e.status_code, code=code
+                kind_for_status(e.status_code), str(message), status=e.status_code, code=code
             ) from None
         except ValueError as e:  # a body that is not JSON
-            raise UpstreamError("malformed", scrub(f"{type(e).__name__}: {e}", self._api_key)) from None
+            raise UpstreamError("malformed", f"{type(e).__name__}: {e}") from None
         try:
             text = completion.choices[0].message.content
         except (AttributeError, IndexError, TypeError) as e:

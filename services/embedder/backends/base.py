@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from services.common.deadline import Deadline
 from services.common.images import DecodedImage, PixelNeed
 
 
@@ -158,8 +159,8 @@ class RemoteBackend(EmbeddingBackend):
         """Opens clients; raises with a clear message when misconfigured (e.g. no API key)."""
 
     @abstractmethod
-    async def aforward(self, modality: Modality, batch: list[Any], deadline: float | None) -> np.ndarray:
-        """Like `LocalBackend.forward`; `deadline` (time.monotonic()) bounds all retries."""
+    async def aforward(self, modality: Modality, batch: list[Any], deadline: Deadline) -> np.ndarray:
+        """Like `LocalBackend.forward`; `deadline` bounds all attempts and retries."""
 
 
 def _is_cuda_oom(e: BaseException) -> bool:

@@ -5,10 +5,11 @@ Texts go as `{"text": ...}` contents, images as base64 data URIs `{"image": "dat
 the dynamic batcher are split to the model's per-call limits (contents per call,
 images per call) and the calls run concurrently, bounded per replica.
 
-Each call is retried on 429 and 5xx (and network errors) with exponential backoff and
-full jitter within a budget that never outlives the caller's deadline
-(services/common/retries.py). The API key comes from settings (a Kubernetes secret) and
-is never logged: it is scrubbed from any upstream message we log or return.
+Each call goes through the shared upstream kit (services/common/upstream.py): errors are
+classified by DashScope's code and HTTP status; 429, 5xx and network errors are retried
+with exponential backoff and full jitter within a budget that never outlives the
+caller's deadline; the API key (settings, a Kubernetes secret) is scrubbed from any
+upstream message we log or return.
 
 SDK detail: the SDK treats any content string that names an existing local file as a
 file to upload to DashScope's OSS. A text such as "/etc/passwd" would leak that file, so
@@ -18,29 +19,29 @@ the call goes through a subclass that switches that upload step off.
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
-import os
-import time
 from typing import Any
 
 import aiohttp
 import numpy as np
 from dashscope.embeddings.multimodal_embedding import AioMultiModalEmbedding
-from PIL import Image
 
-from services.common.errors import DeadlineExceeded, InvalidInput, ServiceError, Unavailable, UpstreamExhausted
+from services.common.deadline import Deadline
 from services.common.images import DecodedImage, PixelNeed
 from services.common.log import get_logger
-from services.common.retries import upstream_retrying
+from services.common.upstream import (
+    DASHSCOPE_EMBEDDING_FORMATS,
+    UpstreamCaller,
+    UpstreamError,
+    UpstreamObserver,
+    dashscope_kind,
+    data_uri,
+    reencode_for_upload,
+)
 from services.embedder.backends.base import BackendInfo, Modality, RemoteBackend, l2_normalize
 from services.embedder.metrics import UPSTREAM_REQUESTS
 from services.embedder.settings import DashScopeSettings, EmbedderSettings
 
 log = get_logger(__name__)
-
-
-_MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "BMP": "image/bmp"}
 
 
 class _NoUploadEmbedding(AioMultiModalEmbedding):
@@ -51,43 +52,25 @@ class _NoUploadEmbedding(AioMultiModalEmbedding):
         return False
 
 
-class _UpstreamError(Exception):
-    def __init__(
-        self, outcome: str, message: str, *, status: int | None = None, code: str | None = None, retryable: bool
-    ) -> None:
-        super().__init__(message)
-        self.outcome = outcome
-        self.message = message
-        self.status = status
-        self.code = code
-        self.retryable = retryable
+class _RequestMetrics(UpstreamObserver):
+    """embedder_upstream_requests_total{outcome}: one sample per HTTP attempt."""
+
+    def attempt_outcome(self, error: UpstreamError | None) -> None:
+        UPSTREAM_REQUESTS.labels(_outcome(error)).inc()
 
 
-def _retryable(e: BaseException) -> bool:
-    return isinstance(e, _UpstreamError) and e.retryable
-
-
-def image_data_uri(image: DecodedImage, data: bytes, max_bytes: int) -> str:
-    """A data URI DashScope accepts: the original bytes when possible, else a JPEG under the limit."""
-    mime = _MIME.get(image.format)
-    if mime is not None and len(data) <= max_bytes:
-        payload = data
-    else:
-        mime = "image/jpeg"
-        img: Image.Image = image.image
-        quality = 90
-        while True:
-            buf = io.BytesIO()
-            img.save(buf, format="JPEG", quality=quality)
-            payload = buf.getvalue()
-            if len(payload) <= max_bytes or max(img.size) <= 64:
-                break
-            scale = max(0.5, min(0.9, (max_bytes / len(payload)) ** 0.5))
-            img = img.resize(
-                (max(1, int(img.width * scale)), max(1, int(img.height * scale))), Image.Resampling.LANCZOS
-            )
-            quality = 85
-    return f"data:{mime};base64,{base64.b64encode(payload).decode('ascii')}"
+def _outcome(error: UpstreamError | None) -> str:
+    if error is None:
+        return "ok"
+    if error.kind == "malformed":
+        return "bad_response"
+    if error.status is None:
+        return "network_error"
+    if error.status == 429 or error.kind == "rate_limited":
+        return "throttled"
+    if error.status >= 500:
+        return "server_error"
+    return "client_error"
 
 
 class DashScopeBackend(RemoteBackend):
@@ -97,9 +80,17 @@ class DashScopeBackend(RemoteBackend):
         self.settings = settings
         self.max_in_flight = settings.max_concurrent_calls
         self._model_id = model_id or f"dashscope:{settings.model}"
-        self._calls = asyncio.Semaphore(settings.max_concurrent_calls)
         self._session: aiohttp.ClientSession | None = None
-        self._api_key: str | None = None
+        # The settings fall back to the SDK's own DASHSCOPE_API_KEY variable.
+        self._api_key = settings.api_key.get_secret_value() if settings.api_key else None
+        self.upstream = UpstreamCaller(
+            self.name,
+            settings.retry,
+            max_concurrency=settings.max_concurrent_calls,
+            request_timeout_s=settings.request_timeout_s,
+            secrets=[self._api_key],
+            observer=_RequestMetrics(),
+        )
 
     @classmethod
     def from_settings(cls, settings: EmbedderSettings) -> DashScopeBackend:
@@ -110,11 +101,13 @@ class DashScopeBackend(RemoteBackend):
         return BackendInfo(self.name, self._model_id, self.settings.dimension, (Modality.TEXT, Modality.IMAGE), False)
 
     async def start(self) -> None:
-        key = self.settings.api_key.get_secret_value() if self.settings.api_key else os.environ.get("DASHSCOPE_API_KEY")
+        key = self.settings.api_key.get_secret_value() if self.settings.api_key else None
         if not key:
-            raise RuntimeError("the dashscope backend needs an API key: set EMBEDDER_DASHSCOPE__API_KEY")
+            raise RuntimeError(
+                "the dashscope backend needs an API key: set EMBEDDER_DASHSCOPE__API_KEY (or DASHSCOPE_API_KEY)"
+            )
         self._api_key = key
-        self._calls = asyncio.Semaphore(self.settings.max_concurrent_calls)  # bound to the serving loop
+        self.upstream.secrets = (key,)
         # Our own session: pooled connections on the serving loop, closed on shutdown.
         self._session = aiohttp.ClientSession()
         log.info("dashscope backend ready", base_url=self.settings.base_url, model=self.settings.model)
@@ -133,7 +126,11 @@ class DashScopeBackend(RemoteBackend):
         return PixelNeed(long_side=2048)
 
     def preprocess_image(self, image: DecodedImage, data: bytes) -> str:
-        return image_data_uri(image, data, self.settings.max_image_bytes)
+        """A data URI DashScope accepts: the original bytes when possible, else a JPEG under the limit."""
+        payload, mime = reencode_for_upload(
+            image, data, max_bytes=self.settings.max_image_bytes, formats=DASHSCOPE_EMBEDDING_FORMATS
+        )
+        return data_uri(payload, mime)
 
     # --- calls --------------------------------------------------------------------------------
 
@@ -145,7 +142,7 @@ class DashScopeBackend(RemoteBackend):
         contents = [{key: value} for value in batch]
         return [contents[i : i + per_call] for i in range(0, len(contents), per_call)]
 
-    async def aforward(self, modality: Modality, batch: list[Any], deadline: float | None) -> np.ndarray:
+    async def aforward(self, modality: Modality, batch: list[Any], deadline: Deadline) -> np.ndarray:
         if modality is Modality.COMPOSED:
             raise ValueError("dashscope composes from image and text vectors")
         chunks = self._chunks(modality, list(batch))
@@ -159,55 +156,11 @@ class DashScopeBackend(RemoteBackend):
             raise
         return l2_normalize(np.concatenate(results))
 
-    def _scrub(self, text: str) -> str:
-        if self._api_key:
-            text = text.replace(self._api_key, "***")
-        return text
+    async def _call(self, contents: list[dict[str, str]], deadline: Deadline) -> np.ndarray:
+        return await self.upstream.call(lambda timeout_s: self._call_once(contents, timeout_s), deadline)
 
-    def _before_sleep(self, state: Any) -> None:
-        error = state.outcome.exception() if state.outcome else None
-        log.warning(
-            "dashscope call failed; retrying",
-            attempt=state.attempt_number,
-            outcome=getattr(error, "outcome", None),
-            status=getattr(error, "status", None),
-            code=getattr(error, "code", None),
-            error=self._scrub(str(error)),
-            sleep_s=round(state.next_action.sleep, 3) if state.next_action else None,
-        )
-
-    async def _call(self, contents: list[dict[str, str]], deadline: float | None) -> np.ndarray:
-        remaining = None if deadline is None else deadline - time.monotonic()
-        if remaining is not None and remaining <= 0:
-            raise DeadlineExceeded("deadline exceeded before calling DashScope")
-        attempts = 0
-        try:
-            async for attempt in upstream_retrying(
-                self.settings.retry, _retryable, deadline_s=remaining, before_sleep=self._before_sleep
-            ):
-                with attempt:
-                    attempts += 1
-                    async with self._calls:
-                        return await self._call_once(contents, deadline)
-        except _UpstreamError as e:
-            if deadline is not None and time.monotonic() >= deadline:
-                raise DeadlineExceeded(f"deadline exceeded while calling DashScope (last: {e.message})") from None
-            raise self._service_error(e, attempts) from None
-        raise Unavailable("DashScope call was not attempted")  # pragma: no cover - retrying yields >= 1
-
-    def _service_error(self, e: _UpstreamError, attempts: int) -> ServiceError:
-        detail = self._scrub(e.message)
-        if e.outcome == "client_error" and e.status in (400, 413):
-            return InvalidInput(f"DashScope rejected the input: {detail}")
-        # UpstreamExhausted: our retries are spent; callers' gRPC retries must not multiply them.
-        if e.outcome == "client_error" and e.status in (401, 403):
-            return UpstreamExhausted(f"DashScope refused our credentials: {detail}")
-        return UpstreamExhausted(f"DashScope is unavailable after {attempts} attempt(s): {detail}")
-
-    async def _call_once(self, contents: list[dict[str, str]], deadline: float | None) -> np.ndarray:
-        timeout = self.settings.request_timeout_s
-        if deadline is not None:
-            timeout = max(0.001, min(timeout, deadline - time.monotonic()))
+    async def _call_once(self, contents: list[dict[str, str]], timeout_s: float) -> np.ndarray:
+        """One HTTP attempt; raises `UpstreamError` (the kit retries and maps it)."""
         try:
             response = await _NoUploadEmbedding.call(
                 model=self.settings.model,
@@ -215,31 +168,23 @@ class DashScopeBackend(RemoteBackend):
                 api_key=self._api_key,
                 base_address=self.settings.base_url,
                 session=self._session,
-                request_timeout=timeout,
+                request_timeout=timeout_s,
             )
-        except (aiohttp.ClientError, TimeoutError, OSError) as e:
-            UPSTREAM_REQUESTS.labels("network_error").inc()
-            raise _UpstreamError("network_error", f"{type(e).__name__}: {e}", retryable=True) from None
+        except (TimeoutError, aiohttp.ServerTimeoutError) as e:
+            raise UpstreamError("timeout", f"no answer within {timeout_s:.1f}s ({type(e).__name__})") from None
+        except (aiohttp.ClientError, OSError) as e:
+            raise UpstreamError("connection", f"{type(e).__name__}: {e}") from None
         status = int(response.status_code)
         if status != 200:
-            code = str(response.code or "")
+            code = str(response.code or "") or None
             request_id = getattr(response, "request_id", "") or ""
-            message = f"HTTP {status} {code}: {response.message or ''} (request_id={request_id})"
-            if status == 429:
-                outcome, retryable = "throttled", True
-            elif status >= 500:
-                outcome, retryable = "server_error", True
-            else:
-                outcome, retryable = "client_error", False
-            UPSTREAM_REQUESTS.labels(outcome).inc()
-            raise _UpstreamError(outcome, message, status=status, code=code, retryable=retryable)
+            message = f"{response.message or '(no message)'} (request_id={request_id})"
+            raise UpstreamError(dashscope_kind(status, code), message, status=status, code=code)
         try:
             rows = sorted(response.output["embeddings"], key=lambda r: int(r["index"]))
             vectors = np.asarray([r["embedding"] for r in rows], dtype=np.float32)
             if vectors.shape != (len(contents), self.settings.dimension):
                 raise ValueError(f"got {vectors.shape}, expected ({len(contents)}, {self.settings.dimension})")
         except (KeyError, TypeError, ValueError) as e:
-            UPSTREAM_REQUESTS.labels("bad_response").inc()
-            raise _UpstreamError("bad_response", f"unexpected DashScope response: {e}", retryable=False) from None
-        UPSTREAM_REQUESTS.labels("ok").inc()
+            raise UpstreamError("malformed", f"unexpected DashScope response: {e}") from None
         return vectors

@@ -10,6 +10,7 @@ worker pool, classifier + text encoder forwards batched on the model thread.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,8 +34,10 @@ class LiteBackend(LocalBackend):
         device: str = "auto",
         model_id: str | None = None,
         torch_threads: int | None = None,
+        cache_dir: Path | None = None,
     ) -> None:
         self.top_t = top_t
+        self._cache_dir = cache_dir
         self._device_setting = device
         self._model_id = model_id
         self._torch_threads = torch_threads
@@ -43,7 +46,13 @@ class LiteBackend(LocalBackend):
     @classmethod
     def from_settings(cls, settings: EmbedderSettings) -> LiteBackend:
         # A CUDA device buys little for these small models; "auto" still honours it.
-        return cls(settings.lite.top_t, settings.device, settings.model_id, settings.torch_threads)
+        return cls(
+            settings.lite.top_t,
+            settings.device,
+            settings.model_id,
+            settings.torch_threads,
+            settings.lite.resolved_cache_dir,
+        )
 
     def load(self) -> None:
         if self.conse is not None:
@@ -56,7 +65,9 @@ class LiteBackend(LocalBackend):
         self.device = device = resolve_device(self._device_setting)
         classifier = ImageNetClassifier(device=device)
         text_encoder = MiniLMTextEncoder(device=device)
-        self.conse = ConSEEmbedder(classifier=classifier, text_encoder=text_encoder, top_t=self.top_t)
+        self.conse = ConSEEmbedder(
+            classifier=classifier, text_encoder=text_encoder, top_t=self.top_t, cache_dir=self._cache_dir
+        )
         # The ConSE id names both models, T, the temperature and a hash of the class
         # prompts: any change that moves vectors changes the id, so collections never mix.
         model_id = self._model_id or self.conse.model_id
