@@ -15,8 +15,6 @@ import os
 import platform
 import random
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +28,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import numpy as np
+
+from mmsearch.suite import ManagedProcess, ProcessSpec, free_port, milvus_spec, service_spec
 
 # --- statistics and tables -----------------------------------------------------------------
 
@@ -103,12 +103,6 @@ def header(title: str, argv: Sequence[str] | None = None) -> None:
     print(f"command: python {' '.join(argv if argv is not None else sys.argv)}")
     print(f"machine: {machine()}")
     sys.stdout.flush()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def rss_mb(pid: int) -> float:
@@ -189,42 +183,10 @@ def unit_vectors(n: int, dim: int, seed: int = 0, clusters: int = 0) -> np.ndarr
 # --- processes -----------------------------------------------------------------------------
 
 
-@dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen[bytes]
-    port: int
-    log_path: Path
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(30)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(10)
-
-    def tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-
-def spawn(name: str, args: list[str], env: dict[str, str], port: int, workdir: Path) -> Proc:
-    log_path = workdir / f"{name}.log"
-    log = open(log_path, "wb")  # noqa: SIM115 - closed with the process
-    popen = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
-    return Proc(name, popen, port, log_path)
+def start_process(spec: ProcessSpec, workdir: Path) -> ManagedProcess:
+    """The launcher's process for `spec`, its output in `<workdir>/<name>.log`; wait for it
+    with `await proc.wait_ready_async(timeout_s)`, end it with `proc.stop()`."""
+    return ManagedProcess(spec, log_file=workdir / f"{spec.name}.log").start()
 
 
 async def closed_loop(call: Callable[[int], Awaitable[Any]], clients: int, stop_at: float) -> None:
@@ -242,54 +204,6 @@ async def closed_loop(call: Callable[[int], Awaitable[Any]], clients: int, stop_
     await asyncio.gather(*(caller(c) for c in range(clients)))
 
 
-async def _poll(proc: Proc, ready: Callable[[], Awaitable[bool]], timeout_s: float, what: str,
-                every_s: float = 0.3) -> None:
-    """Calls `ready` until it says True; fails early when the process exits."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.popen.poll() is not None:
-            raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.tail()}")
-        if await ready():
-            return
-        await asyncio.sleep(every_s)
-    raise TimeoutError(f"{proc.name} did not {what}:\n{proc.tail()}")
-
-
-async def wait_serving(proc: Proc, timeout_s: float = 300) -> None:
-    """Polls grpc.health.v1 until SERVING (or the process dies)."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    async with grpc.aio.insecure_channel(proc.address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-
-        async def serving() -> bool:
-            try:
-                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=2)
-            except grpc.aio.AioRpcError:
-                return False
-            return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
-
-        await _poll(proc, serving, timeout_s, "become SERVING")
-
-
-async def wait_port(port: int, proc: Proc, timeout_s: float = 120) -> None:
-    async def listening() -> bool:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            return False
-        writer.close()
-        return True
-
-    await _poll(proc, listening, timeout_s, f"open port {port}", every_s=0.2)
-
-
-def milvus_lite_bin() -> str:
-    exe = Path(sys.executable).with_name("milvus-lite")
-    return str(exe) if exe.exists() else (shutil.which("milvus-lite") or "milvus-lite")
-
-
 @dataclass
 class Suite:
     """embedder + captioner + search as separate processes, as deployed, with Milvus
@@ -303,79 +217,65 @@ class Suite:
     with_captioner: bool = True
     search_metrics: bool = False  # serve the search process' /metrics (see scrape_metrics)
     workdir: Path = field(default_factory=Path)  # a fresh temporary directory, made by start()
-    procs: dict[str, Proc] = field(default_factory=dict)
+    procs: dict[str, ManagedProcess] = field(default_factory=dict)
     milvus_uri: str = ""
     metrics_port: int = -1
+    _captioner_port: int = 0
 
     async def start(self) -> Suite:
         """Spawns every process at once (the search service waits for the embedder by
         itself), then waits until all of them answer health checks."""
         if self.workdir == Path():
             self.workdir = Path(tempfile.mkdtemp(prefix="mmsearch-bench-"))
-        py = sys.executable
-        quiet = {"LOG_LEVEL": "WARNING"}
-        emb_port, cap_port, search_port = free_port(), free_port(), free_port()
-        self.procs["embedder"] = spawn("embedder", [py, "-m", "services.embedder"], {
-            "EMBEDDER_HOST": "127.0.0.1", "EMBEDDER_GRPC_PORT": str(emb_port), "EMBEDDER_METRICS_PORT": "-1",
-            **{f"EMBEDDER_{k}": v for k, v in quiet.items()}, **self.embedder_env}, emb_port, self.workdir)
+        emb_port, self._captioner_port = free_port(), free_port()
+        self.procs["embedder"] = start_process(service_spec(
+            "embedder", emb_port, {"EMBEDDER_LOG_LEVEL": "WARNING", **self.embedder_env}), self.workdir)
         if self.with_captioner:
-            self.procs["captioner"] = spawn("captioner", [py, "-m", "services.captioner"], {
-                "CAPTIONER_HOST": "127.0.0.1", "CAPTIONER_GRPC_PORT": str(cap_port), "CAPTIONER_METRICS_PORT": "-1",
-                **{f"CAPTIONER_{k}": v for k, v in quiet.items()}, **self.captioner_env}, cap_port, self.workdir)
+            self.procs["captioner"] = start_process(service_spec(
+                "captioner", self._captioner_port, {"CAPTIONER_LOG_LEVEL": "WARNING", **self.captioner_env}),
+                self.workdir)
         if self.milvus == "server":
-            mport = free_port()
-            data = self.workdir / "milvus-data"
-            self.procs["milvus"] = spawn("milvus", [milvus_lite_bin(), "server", "--data-dir", str(data), "--port",
-                                                     str(mport), "--host", "127.0.0.1"], {}, mport, self.workdir)
-            await wait_port(mport, self.procs["milvus"])
-            self.milvus_uri = f"http://127.0.0.1:{mport}"
+            milvus = start_process(milvus_spec(self.workdir / "milvus-data", free_port()), self.workdir)
+            self.procs["milvus"] = milvus
+            await milvus.wait_ready_async(120)
+            self.milvus_uri = f"http://{milvus.address}"
         else:
             self.milvus_uri = str(self.workdir / "milvus.db")
         self.metrics_port = free_port() if self.search_metrics else -1
-        self.procs["search"] = spawn("search", [py, "-m", "services.search"], {
-            "SEARCH_HOST": "127.0.0.1", "SEARCH_GRPC_PORT": str(search_port),
-            "SEARCH_METRICS_PORT": str(self.metrics_port),
-            "SEARCH_LOG_LEVEL": "WARNING", "SEARCH_MILVUS_URI": self.milvus_uri,
-            "SEARCH_EMBEDDER_TARGET": self.procs["embedder"].address,
-            # With no captioner the search service still needs a target; nothing calls it
-            # when every ingested item carries its own caption.
-            "SEARCH_CAPTIONER_TARGET": f"127.0.0.1:{cap_port}",
-            **self.search_env}, search_port, self.workdir)
-        waits = [wait_serving(self.procs["embedder"])]
-        if self.with_captioner:
-            waits += [wait_serving(self.procs["captioner"]), wait_serving(self.procs["search"])]
-        await asyncio.gather(*waits)
-        if not self.with_captioner:  # health stays NOT_SERVING without a captioner: wait for start-up
-            await wait_started(self.procs["search"])
+        self.procs["search"] = self._start_search("search", free_port())
+        for proc in self.procs.values():
+            await proc.wait_ready_async(300)
         return self
 
-    async def restart_search(self, env: dict[str, str]) -> Proc:
+    def _start_search(self, name: str, port: int) -> ManagedProcess:
+        # With no captioner the search service still needs a target; nothing calls it when
+        # every ingested item carries its own caption. Its health then stays NOT_SERVING on
+        # purpose: it is ready once it answers a call (its start-up hook has run).
+        return start_process(service_spec("search", port, {
+            "SEARCH_LOG_LEVEL": "WARNING", "SEARCH_MILVUS_URI": self.milvus_uri,
+            "SEARCH_EMBEDDER_TARGET": self.procs["embedder"].address,
+            "SEARCH_CAPTIONER_TARGET": f"127.0.0.1:{self._captioner_port}", **self.search_env},
+            metrics_port=self.metrics_port, name=name, ready="grpc" if self.with_captioner else search_answers),
+            self.workdir)
+
+    async def restart_search(self, env: dict[str, str]) -> ManagedProcess:
         """Replaces the search process by one with these extra SEARCH_* settings (same
         Milvus data, same upstreams): A/B runs of a setting within one benchmark run."""
-        old = self.procs["search"]
-        old.stop()
-        port = free_port()
+        self.procs["search"].stop(30)
         self.search_env = {**self.search_env, **env}
-        cap = self.procs["captioner"].address if "captioner" in self.procs else f"127.0.0.1:{free_port()}"
-        self.procs["search"] = spawn(f"search-{port}", [sys.executable, "-m", "services.search"], {
-            "SEARCH_HOST": "127.0.0.1", "SEARCH_GRPC_PORT": str(port), "SEARCH_METRICS_PORT": str(self.metrics_port),
-            "SEARCH_LOG_LEVEL": "WARNING", "SEARCH_MILVUS_URI": self.milvus_uri,
-            "SEARCH_EMBEDDER_TARGET": self.procs["embedder"].address, "SEARCH_CAPTIONER_TARGET": cap,
-            **self.search_env}, port, self.workdir)
-        if "captioner" in self.procs:
-            await wait_serving(self.procs["search"])
-        else:
-            await wait_started(self.procs["search"])
+        port = free_port()
+        self.procs["search"] = self._start_search(f"search-{port}", port)
+        await self.procs["search"].wait_ready_async(300)
         return self.procs["search"]
 
     @property
-    def search(self) -> Proc:
+    def search(self) -> ManagedProcess:
         return self.procs["search"]
 
     def stop(self) -> None:
         for name in ("search", "captioner", "embedder", "milvus"):
             if name in self.procs:
-                self.procs[name].stop()
+                self.procs[name].stop(30)
 
     def cleanup(self) -> None:
         self.stop()
@@ -411,24 +311,19 @@ def shared() -> Suite | None:
     return _SHARED
 
 
-async def wait_started(proc: Proc, timeout_s: float = 300) -> None:
-    """Waits until the search service answers a call (its start-up hook has run), for
-    runs where its health stays NOT_SERVING on purpose."""
+def search_answers(address: str) -> bool:
+    """A readiness probe (`ProcessSpec.ready`): the search service answers Stats, so its
+    start-up hook has run, for runs where its health stays NOT_SERVING on purpose."""
     import grpc
 
     from mmsearch.search.v1 import search_pb2, search_pb2_grpc
 
-    async with grpc.aio.insecure_channel(proc.address) as channel:
-        stub = search_pb2_grpc.SearchStub(channel)
-
-        async def answers() -> bool:
-            try:
-                await stub.Stats(search_pb2.StatsRequest(), timeout=10)
-            except grpc.aio.AioRpcError:
-                return False
-            return True
-
-        await _poll(proc, answers, timeout_s, "start")
+    with grpc.insecure_channel(address) as channel:
+        try:
+            search_pb2_grpc.SearchStub(channel).Stats(search_pb2.StatsRequest(), timeout=10)
+        except grpc.RpcError:
+            return False
+    return True
 
 
 def scrape_metrics(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

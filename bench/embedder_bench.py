@@ -41,18 +41,16 @@ sys.path.insert(0, str(ROOT))
 import grpc
 
 from bench.common import (
-    Proc,
     closed_loop,
     cpu_seconds,
     free_port,
     sample_jpegs,
     scrape_metrics,
-    spawn,
-    wait_port,
-    wait_serving,
+    start_process,
 )
 from mmsearch.common.v1 import types_pb2
 from mmsearch.embedder.v1 import embedder_pb2, embedder_pb2_grpc
+from mmsearch.suite import ManagedProcess, ProcessSpec, service_spec
 
 
 def sample_texts(n: int = 64) -> list[str]:
@@ -145,7 +143,7 @@ def content(modality: str, payload: Any) -> types_pb2.Content:
 
 @dataclass(frozen=True)
 class Service:
-    proc: Proc
+    proc: ManagedProcess
     metrics_port: int
 
     def batches(self, modality: str) -> tuple[float, float]:
@@ -156,24 +154,16 @@ class Service:
 
 
 def start_service(env: dict[str, str]) -> Service:
-    port, metrics_port = free_port(), free_port()
-    env = {
-        **env,
-        "EMBEDDER_GRPC_PORT": str(port),
-        "EMBEDDER_HOST": "127.0.0.1",
-        "EMBEDDER_METRICS_PORT": str(metrics_port),
-        "EMBEDDER_LOG_LEVEL": "WARNING",
-    }
-    proc = spawn("embedder", [sys.executable, "-m", "services.embedder"], env, port, Path(tempfile.mkdtemp()))
-    return Service(proc, metrics_port)
+    metrics_port = free_port()
+    spec = service_spec("embedder", free_port(), {**env, "EMBEDDER_LOG_LEVEL": "WARNING"}, metrics_port=metrics_port)
+    return Service(start_process(spec, Path(tempfile.mkdtemp())), metrics_port)
 
 
 async def service_throughput(
     service: Service, modality: str, pool: list[Any], batch: int, clients: int, seconds: float
 ) -> Rate:
-    port = service.proc.port
     async with grpc.aio.insecure_channel(
-        f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 << 20)]
+        service.proc.address, options=[("grpc.max_receive_message_length", 64 << 20)]
     ) as channel:
         stub = embedder_pb2_grpc.EmbedderStub(channel)
         requests = [
@@ -213,13 +203,14 @@ async def bare_wait_hop(wait_ms: float, n: int) -> float:
     """p50 overhead of a bare grpc.aio server (bench/wait_server.py, its own process) whose
     handler waits `wait_ms`: the hop floor for a call as long as the model's forward."""
     port = free_port()
-    proc = spawn("wait-server", [sys.executable, str(Path(__file__).with_name("wait_server.py")), str(port)], {},
-                 port, Path(tempfile.mkdtemp()))
+    proc = start_process(ProcessSpec("wait-server", [sys.executable, str(Path(__file__).with_name("wait_server.py")),
+                                                     str(port)], f"127.0.0.1:{port}", ready="tcp"),
+                         Path(tempfile.mkdtemp()))
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with grpc.aio.insecure_channel(proc.address) as channel:
             call = channel.unary_unary("/bench.Wait/Wait")
             request = f"{wait_ms:.3f}".encode()
-            await wait_port(port, proc)
+            await proc.wait_ready_async(120)
             await call(request, timeout=10)  # warm-up
             times = []
             for _ in range(n):
@@ -240,7 +231,7 @@ async def latency(service: Service, raw: Raw, n: int, text: str, block: int = 20
 
     engine = EmbeddingEngine(raw.settings, raw.backend)  # the loaded backend: load() is idempotent
     await engine.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{service.proc.port}") as channel:
+    async with grpc.aio.insecure_channel(service.proc.address) as channel:
         stub = embedder_pb2_grpc.EmbedderStub(channel)
         request = embedder_pb2.EmbedRequest(items=[types_pb2.Content(text=text)])
         info_request = embedder_pb2.InfoRequest()
@@ -337,7 +328,7 @@ def main() -> None:
             f"backend {args.backend}: {raw.backend.info.model_id} dim {raw.backend.info.dimension}"
             f" (in-process load {raw.load_s:.1f} s)"
         )
-        asyncio.run(wait_serving(service.proc, timeout_s=600))
+        asyncio.run(service.proc.wait_ready_async(600))
         raw_results: dict[str, dict[int, Rate]] = {}
         svc: dict[str, dict[str, Rate]] = {}
         # Per modality, the in-process and the served measurements run back to back (the

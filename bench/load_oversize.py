@@ -22,6 +22,7 @@ import grpc
 from bench import common as C
 from mmsearch.common.v1 import types_pb2
 from mmsearch.embedder.v1 import embedder_pb2
+from mmsearch.suite import service_spec
 
 
 async def main_async(args: argparse.Namespace) -> None:
@@ -29,12 +30,10 @@ async def main_async(args: argparse.Namespace) -> None:
     import tempfile
 
     workdir = Path(tempfile.mkdtemp(prefix="mmsearch-oversize-"))
-    port = C.free_port()
-    env = {"EMBEDDER_HOST": "127.0.0.1", "EMBEDDER_GRPC_PORT": str(port), "EMBEDDER_METRICS_PORT": "-1",
-           "EMBEDDER_LOG_LEVEL": "WARNING", **dict(e.split("=", 1) for e in args.env)}
-    proc = C.spawn("embedder", [sys.executable, "-m", "services.embedder"], env, port, workdir)
+    env = {"EMBEDDER_LOG_LEVEL": "WARNING", **dict(e.split("=", 1) for e in args.env)}
+    proc = C.start_process(service_spec("embedder", C.free_port(), env), workdir)
     try:
-        await C.wait_serving(proc)
+        await proc.wait_ready_async(300)
         raw = embedder_pb2.EmbedRequest(items=[types_pb2.Content(image=types_pb2.Image(
             data=b"\x89PNG" + bytes(int(args.mib * 2**20))))]).SerializeToString()
         samples = [C.rss_mb(proc.pid)]

@@ -38,6 +38,7 @@ from bench import common as C
 from mmsearch.common.v1 import types_pb2
 from mmsearch.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from mmsearch.search.v1 import search_pb2, search_pb2_grpc
+from mmsearch.suite import ManagedProcess, milvus_spec, service_spec
 
 COLLECTION = "mmsearch"
 
@@ -88,21 +89,21 @@ def load(data_dir: str, start: int, stop: int, model_id: str, dim: int, index: s
 # --- measurement ---------------------------------------------------------------------------
 
 
-async def wait_ready(stub: Any, vec: np.ndarray, proc: C.Proc, timeout_s: float = 600) -> float:
+async def wait_ready(stub: Any, vec: np.ndarray, proc: ManagedProcess, timeout_s: float = 600) -> float:
     started = time.perf_counter()
     req = search_pb2.SearchRequest(query_vector=types_pb2.Embedding(values=vec.tolist()), top_k=10)
     while time.perf_counter() - started < timeout_s:
-        if proc.popen.poll() is not None:
-            raise RuntimeError(f"search exited:\n{proc.tail()}")
+        if not proc.alive:
+            raise RuntimeError("search exited:\n" + "\n".join(proc.tail()))
         try:
             await stub.Search(req, timeout=120)
             return time.perf_counter() - started
         except grpc.aio.AioRpcError:
             await asyncio.sleep(0.5)
-    raise TimeoutError(f"search not ready:\n{proc.tail()}")
+    raise TimeoutError("search not ready:\n" + "\n".join(proc.tail()))
 
 
-async def measure(address: str, vecs: np.ndarray, n: int, qps_s: float, clients: int, proc: C.Proc,
+async def measure(address: str, vecs: np.ndarray, n: int, qps_s: float, clients: int, proc: ManagedProcess,
                   ) -> dict[str, Any]:
     async with grpc.aio.insecure_channel(address, options=C.CLIENT_OPTIONS) as channel:
         stub = search_pb2_grpc.SearchStub(channel)
@@ -160,14 +161,12 @@ async def main_async(args: argparse.Namespace) -> None:
     if shared is not None:  # smoke runs reuse the running suite's embedder
         embedder = shared.procs["embedder"]
     else:
-        emb_port = C.free_port()
-        embedder = C.spawn("embedder", [py, "-m", "services.embedder"], {
-            "EMBEDDER_HOST": "127.0.0.1", "EMBEDDER_GRPC_PORT": str(emb_port), "EMBEDDER_METRICS_PORT": "-1",
-            "EMBEDDER_LOG_LEVEL": "WARNING"}, emb_port, workdir)
+        embedder = C.start_process(service_spec("embedder", C.free_port(), {"EMBEDDER_LOG_LEVEL": "WARNING"}),
+                                   workdir)
     build_rows: list[list[Any]] = []
     rows: list[list[Any]] = []
     try:
-        await C.wait_serving(embedder)
+        await embedder.wait_ready_async(300)
         async with grpc.aio.insecure_channel(embedder.address) as ch:
             info = await embedder_pb2_grpc.EmbedderStub(ch).Info(embedder_pb2.InfoRequest(), timeout=30)
         vecs = C.unit_vectors(64, info.dimension, seed=99, clusters=256)
@@ -191,23 +190,20 @@ async def main_async(args: argparse.Namespace) -> None:
                                ",".join(stats.get("index_kinds", []))])
             have = size
             for mode in [m for m in args.milvus.split(",") if m]:
-                procs: list[C.Proc] = []
+                procs: list[ManagedProcess] = []
                 try:
                     if mode == "server":
-                        mport = C.free_port()
-                        server = C.spawn("milvus", [C.milvus_lite_bin(), "server", "--data-dir", str(data), "--port",
-                                                     str(mport), "--host", "127.0.0.1"], {}, mport, workdir)
+                        server = C.start_process(milvus_spec(data, C.free_port()), workdir)
                         procs.append(server)
-                        await C.wait_port(mport, server)
-                        uri = f"http://127.0.0.1:{mport}"
+                        await server.wait_ready_async(120)
+                        uri = f"http://{server.address}"
                     else:
                         uri = str(data)
-                    port = C.free_port()
-                    search = C.spawn(f"search-{mode}-{size}", [py, "-m", "services.search"], {
-                        "SEARCH_HOST": "127.0.0.1", "SEARCH_GRPC_PORT": str(port), "SEARCH_METRICS_PORT": "-1",
+                    search = C.start_process(service_spec("search", C.free_port(), {
                         "SEARCH_LOG_LEVEL": "WARNING", "SEARCH_MILVUS_URI": uri, "SEARCH_COLLECTION": COLLECTION,
                         "SEARCH_EMBEDDER_TARGET": embedder.address, "SEARCH_CAPTIONER_TARGET": f"127.0.0.1:{C.free_port()}",
-                        "SEARCH_MILVUS_TIMEOUT_S": "300", "SEARCH_INDEX_TYPE": args.index}, port, workdir)
+                        "SEARCH_MILVUS_TIMEOUT_S": "300", "SEARCH_INDEX_TYPE": args.index},
+                        name=f"search-{mode}-{size}"), workdir)  # measure() times its start-up
                     procs.append(search)
                     n = max(30, min(args.n, int(args.n * 10_000 / size))) if args.adaptive else args.n
                     r = await measure(search.address, vecs, n, args.qps_seconds, args.clients, search)
