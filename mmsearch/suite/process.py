@@ -70,7 +70,8 @@ class ProcessSpec:
 
     `ready`: "grpc" waits for grpc.health.v1 SERVING on `address`; "tcp" waits until the
     port accepts connections (Milvus Lite's server has no health service); a callable
-    (`ReadyProbe`) is asked with `address` until it says True.
+    (`ReadyProbe`) is asked with `address` until it says True. `health_service`: the
+    grpc.health.v1 service name "grpc" asks about ("": the whole server).
     `stop_signal`: SIGTERM for our services (they drain); SIGINT for milvus-lite, whose
     server only closes its database cleanly on KeyboardInterrupt.
     """
@@ -82,6 +83,7 @@ class ProcessSpec:
     ready: str | ReadyProbe = "grpc"
     stop_signal: int = signal.SIGTERM
     cwd: str | None = None
+    health_service: str = ""
 
 
 class ManagedProcess:
@@ -200,7 +202,7 @@ class ManagedProcess:
                     f"{self.name} exited with code {code} while starting", self.name, self.tail(), self._log_file
                 )
             if ready == "grpc":
-                last = _grpc_health(self.spec.address)
+                last = _grpc_health(self.spec.address, self.spec.health_service)
                 ok = last == "SERVING"
             elif ready == "tcp":
                 ok = _tcp_open(self.spec.address)
@@ -332,12 +334,12 @@ def _killpg(pgid: int, sig: int) -> None:
         pass
 
 
-def _grpc_health(address: str) -> str:
+def _grpc_health(address: str, service: str = "") -> str:
     # A fresh channel per check: a kept one would back off (1 s, 1.6 s, ...) between the
     # connection attempts that fail while the child starts, and see it ready late.
     with grpc.insecure_channel(address) as channel:
         try:
-            response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+            response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
         except grpc.RpcError as e:
             return e.code().name  # type: ignore[attr-defined]
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)

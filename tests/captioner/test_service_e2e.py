@@ -4,12 +4,9 @@ metrics, URIs, and `python -m services.captioner` as a real process."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
-import os
 import signal
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -19,11 +16,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mmsearch.captioner.v1 import captioner_pb2
 from mmsearch.common.v1 import types_pb2
+from mmsearch.suite import ManagedProcess, free_port, service_spec
 from services.captioner.servicer import SERVICE_NAME
 from services.common.settings import UriSettings
 from tests.captioner.conftest import API_KEY, caption_request, remote_settings, serve
 from tests.captioner.fakes import FakeUpstream
-from tests.conftest import free_port, png_bytes
+from tests.conftest import png_bytes
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -126,64 +124,34 @@ async def test_batch_items_are_captioned_concurrently_in_order(fake: FakeUpstrea
     assert fake.calls == 5
 
 
-def _wait_serving(port: int, deadline_s: float) -> None:
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    stub = health_pb2_grpc.HealthStub(channel)
-    end = time.monotonic() + deadline_s
-    try:
-        while time.monotonic() < end:
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError("captioner did not become SERVING in time")
-    finally:
-        channel.close()
-
-
-def test_python_dash_m_serves_the_lite_backend_from_env() -> None:
+def test_python_dash_m_serves_the_lite_backend_from_env(tmp_path: Path) -> None:
     """The real entry point: settings from CAPTIONER_*, model loaded and warmed before SERVING,
     a real caption, graceful exit on SIGTERM."""
     from services.lite_models.sample_photos import load_sample_photos
 
-    port = free_port()
     env = {
-        **os.environ,
         "CAPTIONER_BACKEND": "lite",
-        "CAPTIONER_GRPC_PORT": str(port),
-        "CAPTIONER_HOST": "127.0.0.1",
-        "CAPTIONER_METRICS_PORT": "-1",
         "CAPTIONER_SHUTDOWN_GRACE_S": "1",
         "CAPTIONER_API_KEY": "sk-should-never-be-printed-123",
         "PYTHONPATH": str(REPO),
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.captioner"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    spec = dataclasses.replace(service_spec("captioner", free_port(), env, cwd=str(REPO)), health_service=SERVICE_NAME)
+    proc = ManagedProcess(spec, log_file=tmp_path / "captioner.log").start()
     try:
-        _wait_serving(port, 60)
+        proc.wait_ready(60)
         photo = load_sample_photos(["coffee"])[0].image
         buf = io.BytesIO()
         photo.save(buf, format="JPEG")
         from mmsearch.captioner.v1 import captioner_pb2_grpc
 
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with grpc.insecure_channel(proc.address) as channel:
             reply = captioner_pb2_grpc.CaptionerStub(channel).Caption(caption_request(buf.getvalue()), timeout=20)
         assert "espresso" in reply.caption.keywords
         proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=20)
+        code = proc.wait(20)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 0, output.decode(errors="replace")
-    logs = output.decode(errors="replace")
+        proc.stop(grace_s=0)
+    assert code == 0, proc.log()
+    logs = proc.log()
     assert '"serving": true' in logs or "serving=True" in logs or '"serving":true' in logs, logs
     assert "sk-should-never-be-printed-123" not in logs

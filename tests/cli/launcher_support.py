@@ -1,13 +1,16 @@
-"""Helpers for the launcher tests: fake child specs and a zombie-aware liveness check."""
+"""Helpers for the launcher tests: fake child specs, `mmsearch up` as a process, and a
+zombie-aware liveness check."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from mmsearch.suite import ProcessSpec
-from tests.conftest import free_port
+from mmsearch.suite import ManagedProcess, ProcessSpec, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -20,6 +23,31 @@ def fake_spec(name: str, mode: str, data_dir: Path, grandchild: bool = False) ->
         argv.append("--grandchild")
     env = {"PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return ProcessSpec(name=name, argv=argv, address=f"127.0.0.1:{port}", env=env, cwd=str(ROOT))
+
+
+def start_up(data_dir: Path, args: list[str], *, services: int, log: Path, timeout_s: float,
+             env: Mapping[str, str] | None = None) -> tuple[ManagedProcess, dict[str, Any]]:
+    """`mmsearch up --data-dir DATA_DIR ARGS` as a process of the launcher (its output in
+    `log`); returns it and its suite.json once that lists `services` services, all ready.
+    SuiteError (quoting its output) when it exits first or takes longer than `timeout_s`."""
+    state_file = data_dir / "suite.json"
+
+    def every_service_ready(_address: str) -> bool:
+        try:
+            processes = json.loads(state_file.read_text())["processes"]
+        except (OSError, ValueError, KeyError):
+            return False
+        return len(processes) == services and all(p["ready"] for p in processes)
+
+    argv = [sys.executable, "-m", "mmsearch.cli.main", "up", "--data-dir", str(data_dir), *args]
+    up = ManagedProcess(ProcessSpec("mmsearch up", argv, str(state_file), dict(env or {}), ready=every_service_ready,
+                                    cwd=str(ROOT)), log_file=log, tail_lines=100)
+    try:
+        up.start().wait_ready(timeout_s)
+    except BaseException:
+        up.stop(grace_s=0)
+        raise
+    return up, json.loads(state_file.read_text())
 
 
 def pids_of(data_dir: Path, name: str) -> list[int]:

@@ -8,11 +8,7 @@ Slow (models load on CPU); marked `slow` but part of the normal test run.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +20,8 @@ from typer.testing import CliRunner
 from mmsearch.cli.demo import write_photos
 from mmsearch.cli.main import app
 from mmsearch.client import SearchClient
-from tests.cli.launcher_support import ROOT, alive, wait_gone
-from tests.conftest import free_port
+from mmsearch.suite import ManagedProcess, free_port
+from tests.cli.launcher_support import ROOT, alive, start_up, wait_gone
 
 SERVICES = ("embedder", "captioner", "search")
 _missing = [s for s in SERVICES if not (ROOT / "services" / s / "__main__.py").exists()]
@@ -41,7 +37,7 @@ START_TIMEOUT_S = 540
 
 @dataclass
 class Up:
-    proc: subprocess.Popen[bytes]
+    proc: ManagedProcess
     address: str
     data_dir: Path
     log: Path
@@ -63,47 +59,21 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
     csv_path, queries = write_photos(base / "demo-input")
     ports = {name: free_port() for name in SERVICES}
     log = base / "up.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(
-            [
-                sys.executable, "-m", "mmsearch.cli.main", "up",
-                "--data-dir", str(data_dir),
-                "--search-port", str(ports["search"]),
-                "--embedder-port", str(ports["embedder"]),
-                "--captioner-port", str(ports["captioner"]),
-                "--no-metrics",
-                "--no-gateway",  # the three gRPC services; tests/gateway runs `up` with the gateway
-                "--start-timeout", str(START_TIMEOUT_S),
-            ],
-            cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT,
-        )
+    proc, state = start_up(data_dir, [
+        "--search-port", str(ports["search"]),
+        "--embedder-port", str(ports["embedder"]),
+        "--captioner-port", str(ports["captioner"]),
+        "--no-metrics",
+        "--no-gateway",  # the three gRPC services; tests/gateway runs `up` with the gateway
+        "--start-timeout", str(START_TIMEOUT_S),
+    ], services=3, log=log, timeout_s=START_TIMEOUT_S * 1.5, env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     address = f"127.0.0.1:{ports['search']}"
-    state_file = data_dir / "suite.json"
-    deadline = time.monotonic() + START_TIMEOUT_S * 1.5
-    pids: list[int] = []
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mmsearch up exited with {proc.returncode}:\n{log.read_text(errors='replace')[-6000:]}")
-            if state_file.exists():
-                state = json.loads(state_file.read_text())
-                if len(state["processes"]) == 3 and all(p["ready"] for p in state["processes"]):
-                    pids = [p["pid"] for p in state["processes"]]
-                    break
-            if time.monotonic() > deadline:
-                pytest.fail(f"suite not ready:\n{log.read_text(errors='replace')[-6000:]}")
-            time.sleep(0.5)
         with SearchClient(address) as client:
             client.wait_until_ready(timeout=60)
-        yield Up(proc, address, data_dir, log, pids, csv_path, queries)
+        yield Up(proc, address, data_dir, log, [p["pid"] for p in state["processes"]], csv_path, queries)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        proc.stop(grace_s=60)
 
 
 def _sheet_checks(path: Path, output: str, hits: int) -> None:
@@ -181,7 +151,7 @@ def test_health_of_every_service(up: Up) -> None:
 def test_up_stops_every_process_on_sigterm(up: Up) -> None:
     assert all(alive(p) for p in up.pids)
     up.proc.send_signal(signal.SIGTERM)
-    assert up.proc.wait(timeout=90) == 0
+    assert up.proc.wait(90) == 0
     assert wait_gone(up.pids, 10) == []
     assert not (up.data_dir / "suite.json").exists()
     assert "stopped: all services shut down" in up.log.read_text(errors="replace")

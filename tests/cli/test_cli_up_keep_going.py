@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,9 +22,10 @@ from typer.testing import CliRunner
 
 from mmsearch.cli.main import app
 from mmsearch.client import ItemStatus, SearchClient
+from mmsearch.suite import ManagedProcess, free_port
 from tests.captioner.fakes import FakeUpstream
-from tests.cli.launcher_support import ROOT, alive, wait_gone
-from tests.conftest import free_port, png_bytes
+from tests.cli.launcher_support import ROOT, alive, start_up, wait_gone
+from tests.conftest import png_bytes
 from tests.embedder.dashscope_fake import FakeDashScope
 from tests.reliability.helpers import dashscope_fakes
 
@@ -40,32 +39,20 @@ def fakes() -> Iterator[tuple[FakeUpstream, FakeDashScope]]:
         yield pair
 
 
-def start_up(fakes: tuple[FakeUpstream, FakeDashScope], data_dir: Path, *extra: str) -> tuple[
-        subprocess.Popen[str], dict[str, int], str]:
+def up_with_fakes(fakes: tuple[FakeUpstream, FakeDashScope], data_dir: Path, *extra: str) -> tuple[
+        ManagedProcess, dict[str, int], str]:
     cap_fake, emb_fake = fakes
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200",
+    env = {"PYTHONPATH": str(ROOT), "COLUMNS": "200",
            "EMBEDDER_DASHSCOPE__API_KEY": KEY, "EMBEDDER_DASHSCOPE__BASE_URL": emb_fake.base_url,
            "EMBEDDER_DASHSCOPE__DIMENSION": "64", "CAPTIONER_API_KEY": KEY, "CAPTIONER_BASE_URL": cap_fake.base_url,
            "SEARCH_SHUTDOWN_GRACE_S": "1", "EMBEDDER_SHUTDOWN_GRACE_S": "1", "CAPTIONER_SHUTDOWN_GRACE_S": "1"}
     ports = [free_port() for _ in range(3)]
-    log = open(data_dir.parent / f"{data_dir.name}-up.log", "w")  # noqa: SIM115 - the child owns it
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mmsearch.cli.main", "up", "--data-dir", str(data_dir), "--no-metrics", "--quiet",
-         "--embedder-backend", "dashscope", "--captioner-backend", "dashscope", "--start-timeout", "120",
-         "--search-port", str(ports[0]), "--embedder-port", str(ports[1]), "--captioner-port", str(ports[2]),
-         "--no-gateway", *extra],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-    log.close()
-    state_file = data_dir / "suite.json"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, (data_dir.parent / f"{data_dir.name}-up.log").read_text()
-        if state_file.exists():
-            state = json.loads(state_file.read_text())
-            if len(state["processes"]) == 3 and all(p["ready"] for p in state["processes"]):
-                return proc, {p["name"]: p["pid"] for p in state["processes"]}, state["search_address"]
-        time.sleep(0.2)
-    raise AssertionError("the suite did not start")
+    proc, state = start_up(data_dir, [
+        "--no-metrics", "--quiet", "--embedder-backend", "dashscope", "--captioner-backend", "dashscope",
+        "--start-timeout", "120", "--search-port", str(ports[0]), "--embedder-port", str(ports[1]),
+        "--captioner-port", str(ports[2]), "--no-gateway", *extra,
+    ], services=3, log=data_dir.parent / f"{data_dir.name}-up.log", timeout_s=120, env=env)
+    return proc, {p["name"]: p["pid"] for p in state["processes"]}, state["search_address"]
 
 
 def state_addresses(data_dir: Path) -> dict[str, str]:
@@ -79,21 +66,20 @@ def output_of(data_dir: Path) -> str:
 def test_by_default_one_dead_service_stops_the_whole_suite(
         fakes: tuple[FakeUpstream, FakeDashScope], tmp_path: Path) -> None:
     data_dir = tmp_path / "default"
-    proc, pids, _ = start_up(fakes, data_dir)
+    proc, pids, _ = up_with_fakes(fakes, data_dir)
     try:
         os.kill(pids["captioner"], signal.SIGKILL)
-        assert proc.wait(timeout=60) == 1
+        assert proc.wait(60) == 1
         assert "captioner exited unexpectedly" in output_of(data_dir)
         assert wait_gone(list(pids.values()), 10) == [], "the other services were stopped"
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        proc.stop(grace_s=0)
 
 
 def test_keep_going_reports_the_death_and_keeps_the_rest_serving(
         fakes: tuple[FakeUpstream, FakeDashScope], tmp_path: Path) -> None:
     data_dir = tmp_path / "keep"
-    proc, pids, address = start_up(fakes, data_dir, "--keep-going", "--defer-captions")
+    proc, pids, address = up_with_fakes(fakes, data_dir, "--keep-going", "--defer-captions")
     try:
         os.kill(pids["captioner"], signal.SIGKILL)
         deadline = time.monotonic() + 20
@@ -101,7 +87,7 @@ def test_keep_going_reports_the_death_and_keeps_the_rest_serving(
             assert time.monotonic() < deadline, output_of(data_dir)
             time.sleep(0.2)
         time.sleep(1.5)  # a few of the launcher's polls
-        assert proc.poll() is None, "the launcher keeps running"
+        assert proc.alive, "the launcher keeps running"
         assert "--keep-going" in output_of(data_dir)
         assert alive(pids["search"]) and alive(pids["embedder"])
         state = {p["name"]: p["alive"] for p in json.loads((data_dir / "suite.json").read_text())["processes"]}
@@ -123,8 +109,7 @@ def test_keep_going_reports_the_death_and_keeps_the_rest_serving(
         assert rows["search"]["status"] == "SERVING" and rows["search"]["degraded"] == ["ingest.caption"]
         assert rows["embedder"]["status"] == "SERVING" and rows["captioner"]["status"] != "SERVING"
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
+        assert proc.wait(60) == 0
         assert wait_gone(list(pids.values()), 10) == []
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        proc.stop(grace_s=0)

@@ -7,11 +7,6 @@ thumbnail).
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +15,9 @@ import httpx
 import pytest
 
 from mmsearch.cli.demo import write_photos
-from tests.conftest import free_port, png_bytes
+from mmsearch.suite import free_port
+from tests.cli.launcher_support import start_up
+from tests.conftest import png_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "tok-gateway-tests-5c21"
@@ -48,23 +45,6 @@ class GatewaySuite:
 
     def client(self, **kw: object) -> httpx.Client:
         return httpx.Client(base_url=self.base_url, timeout=120, **kw)  # type: ignore[arg-type]
-
-
-def _wait_ready(proc: subprocess.Popen[bytes], state_file: Path, log: Path) -> dict[str, object]:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"mmsearch up exited with {proc.returncode}:\n{log.read_text(errors='replace')[-6000:]}")
-        if state_file.exists():
-            try:
-                state = json.loads(state_file.read_text())
-            except ValueError:
-                state = {}
-            names = {p["name"]: p["ready"] for p in state.get("processes", [])}
-            if names.get("gateway") and all(names.values()):
-                return state
-        time.sleep(0.5)
-    pytest.fail(f"the suite was not ready in {START_TIMEOUT_S} s:\n{log.read_text(errors='replace')[-6000:]}")
 
 
 def _ingest_photos(suite: GatewaySuite) -> None:
@@ -96,19 +76,15 @@ def gateway_suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayS
     data_dir = base / "var"
     ports = {name: free_port() for name in ("search", "embedder", "captioner", "http")}
     log = base / "up.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "SEARCH_AUTH_TOKENS": TOKEN,
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "SEARCH_AUTH_TOKENS": TOKEN,
            "GATEWAY_MAX_BODY_BYTES": str(MAX_BODY_BYTES), "GATEWAY_MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES),
            "SEARCH_SHUTDOWN_GRACE_S": "2", "GATEWAY_SHUTDOWN_GRACE_S": "2"}
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mmsearch.cli.main", "up", "--data-dir", str(data_dir),
-             "--file-root", str(demo_dir), "--no-metrics", "--start-timeout", str(START_TIMEOUT_S),
-             "--search-port", str(ports["search"]), "--embedder-port", str(ports["embedder"]),
-             "--captioner-port", str(ports["captioner"]), "--http-port", str(ports["http"])],
-            cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT,
-        )
+    proc, state = start_up(data_dir, [
+        "--file-root", str(demo_dir), "--no-metrics", "--start-timeout", str(START_TIMEOUT_S),
+        "--search-port", str(ports["search"]), "--embedder-port", str(ports["embedder"]),
+        "--captioner-port", str(ports["captioner"]), "--http-port", str(ports["http"]),
+    ], services=4, log=log, timeout_s=START_TIMEOUT_S, env=env)  # embedder, captioner, search, gateway
     try:
-        state = _wait_ready(proc, data_dir / "suite.json", log)
         assert state["gateway_url"] == f"http://127.0.0.1:{ports['http']}/"
         suite = GatewaySuite(
             base_url=f"http://127.0.0.1:{ports['http']}", search_address=f"127.0.0.1:{ports['search']}",
@@ -118,10 +94,4 @@ def gateway_suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayS
         _ingest_photos(suite)
         yield suite
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        proc.stop(grace_s=60)
