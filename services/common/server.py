@@ -27,7 +27,7 @@ from services.common.interceptors import (
     ScopedAuthInterceptor,
     StartupGate,
 )
-from services.common.log import configure_logging, get_logger
+from services.common.log import configure_logging, get_logger, service_name
 from services.common.memory import return_large_frees_to_the_os
 from services.common.metrics import MetricsInterceptor, start_metrics_server
 from services.common.security import server_credentials
@@ -309,7 +309,7 @@ def run(settings: ServerSettings, app_factory: Callable[[], GrpcApp]) -> None:
     """Entry point for `python -m services.<name>`."""
     if settings.return_freed_memory:
         return_large_frees_to_the_os()  # see memory.py: decoded images must not stay resident
-    configure_logging(settings.log_level, settings.log_json, service=settings.__class__.__name__)
+    configure_logging(settings.log_level, settings.log_json, service=service_name(settings))
 
     async def main() -> None:
         # Build the app inside the running loop: grpc.aio channels and other loop-bound

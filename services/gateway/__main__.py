@@ -5,7 +5,7 @@ import signal
 
 import uvicorn
 
-from services.common.log import configure_logging, get_logger
+from services.common.log import configure_logging, get_logger, service_name
 from services.common.metrics import start_metrics_server
 from services.gateway.app import create_app
 from services.gateway.settings import GatewaySettings
@@ -13,7 +13,7 @@ from services.gateway.settings import GatewaySettings
 
 def main() -> None:
     settings = GatewaySettings()
-    configure_logging(settings.log_level, settings.log_json, service=settings.__class__.__name__)
+    configure_logging(settings.log_level, settings.log_json, service=service_name(settings))
     log = get_logger("services.gateway")
     metrics_http = None
     if settings.metrics_port >= 0:
