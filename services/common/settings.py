@@ -17,6 +17,10 @@ One convention for every service (search, embedder, captioner, gateway):
   unset DashScope API key field) and `MMSEARCH_CACHE_DIR` (derived model data shared
   with the CLI), both read here (`vendor_dashscope_api_key`, `shared_cache_dir`).
 - A renamed variable keeps its old name working (`AliasChoices`).
+- Flat groups that predate this convention stay flat rather than break deployments:
+  search's `MILVUS_*`, `EMBEDDER_TARGET` / `CAPTIONER_TARGET` / `UPSTREAM_*`, `HNSW_*`,
+  `IVF_*`; the captioner's one remote upstream (`API_KEY`, `BASE_URL`, `MODEL`,
+  `REQUEST_TIMEOUT_S`, `MAX_CONCURRENCY`, `UPLOAD_*`) and `LITE_*`. New groups nest.
 
 docs/configuration.md lists every variable.
 """
