@@ -22,6 +22,23 @@ import structlog
 _TRACEBACK_MARKERS = ("\nTraceback:\n", "\nTraceback (most recent call last):\n")
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever `sys.stderr` is when a record comes (like logging's last-resort
+    handler): records logged at exit (Milvus Lite's atexit) never hit a stream that a test
+    runner swapped in and closed meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def service_name(settings: Any) -> str:
     """The service a settings object configures, as logs name it: its env prefix
     (`SEARCH_` -> "search", `EMBEDDER_`, `CAPTIONER_`, `GATEWAY_`)."""
@@ -124,7 +141,7 @@ def configure_logging(level: str = "INFO", json: bool = True, service: str = "")
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*shared, _split_embedded_traceback] if json else shared,
