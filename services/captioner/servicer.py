@@ -7,7 +7,8 @@ import grpc
 from mmsearch.captioner.v1 import captioner_pb2, captioner_pb2_grpc
 from mmsearch.common.v1 import types_pb2
 from services.captioner.service import Caption, CaptionRequest, CaptionService
-from services.common.convert import deadline_of, image_ref_from_proto
+from services.common.convert import image_ref_from_proto
+from services.common.deadline import deadline_of
 from services.common.errors import InvalidInput, ServiceError, at_index
 from services.common.interceptors import item_error
 

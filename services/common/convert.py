@@ -1,26 +1,13 @@
-"""Protobuf <-> domain conversions for the shared message types (mmsearch.common.v1),
-and the caller's deadline (`deadline_of`)."""
+"""Protobuf <-> domain conversions for the shared message types (mmsearch.common.v1)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
 from mmsearch.common.v1 import types_pb2
-from services.common.deadline import Deadline
 from services.common.errors import InvalidInput
 from services.common.intake import ImageRef
-
-
-class _HasTimeRemaining(Protocol):
-    def time_remaining(self) -> float | None: ...
-
-
-def deadline_of(context: _HasTimeRemaining) -> Deadline:
-    """The caller's deadline as a `Deadline` (a `grpc.aio.ServicerContext`, or anything
-    with `time_remaining()`); no deadline when the call has none."""
-    return Deadline.after(context.time_remaining())
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from enum import Enum
+from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
@@ -25,34 +23,14 @@ from services.common.errors import Aborted, FailedPrecondition, InvalidInput, Se
 from services.common.intake import ImageIntake, ImageRef
 from services.common.log import get_logger
 from services.search import fields as F
+from services.search.binding import EmbedderBinding
+from services.search.domain import BackfillOutcome, BackfillProgress, BackfillStatus, CaptionResult
 from services.search.ingest import caption_text, fingerprint_of
-from services.search.milvus_store import MilvusStore, StoredRow
 from services.search.pending import PendingImages
+from services.search.ports import Captioner, Embedder, StoredRow, VectorStore
 from services.search.settings import SearchSettings
-from services.search.upstreams import CaptionerClient, CaptionResult, EmbedderClient
 
 log = get_logger(__name__)
-
-
-class BackfillStatus(str, Enum):
-    CAPTIONED = "captioned"
-    FAILED = "failed"
-    SKIPPED = "skipped"
-
-
-@dataclass(frozen=True)
-class BackfillOutcome:
-    id: str
-    status: BackfillStatus
-    error: ServiceError | None = None
-
-
-@dataclass
-class BackfillProgress:
-    total: int = 0
-    captioned: int = 0
-    failed: int = 0
-    skipped: int = 0
 
 
 class Pacer:
@@ -73,15 +51,15 @@ class Pacer:
 
 class Backfiller:
     def __init__(
-        self, settings: SearchSettings, store: MilvusStore, captioner: CaptionerClient, embedder: EmbedderClient,
-        intake: ImageIntake, model_id: Callable[[], str], pending_images: PendingImages | None,
+        self, settings: SearchSettings, store: VectorStore, captioner: Captioner, embedder: Embedder,
+        intake: ImageIntake, binding: EmbedderBinding, pending_images: PendingImages | None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.captioner = captioner
         self.embedder = embedder
         self.intake = intake
-        self.model_id = model_id
+        self.binding = binding
         self.pending_images = pending_images
         # One backfill at a time per tenant (a tenant never waits on, or learns of, another's).
         self._running: dict[str, asyncio.Lock] = {}
@@ -93,7 +71,7 @@ class Backfiller:
         if running.locked():
             raise Aborted("a backfill is already running on this server; run one at a time")
         async with running:
-            if not self.model_id():
+            if not self.binding.model_id():
                 raise Unavailable("embedder: not bound to the collection yet; backfill needs it")
             await self.store.require()
             if not self.store.pending_supported:
@@ -151,9 +129,7 @@ class Backfiller:
         if done:
             try:
                 vectors, model_id = await self.embedder.embed([TextContent(caption_text(c)) for _, c in done])
-                if model_id != self.model_id():
-                    raise FailedPrecondition(
-                        f"embedder now serves {model_id!r}, the collection was built by {self.model_id()!r}")
+                self.binding.check_vectors_from(model_id)
                 await self.store.upsert([self._row(r, c, v) for (r, c), v in zip(done, vectors, strict=True)])
             except ServiceError as e:
                 for row, _ in done:
@@ -182,10 +158,10 @@ class Backfiller:
         uri = row.get("uri") or ""
         return StoredRow(
             id=row["id"], content_sha256=row["content_sha256"],
-            fingerprint=fingerprint_of(row["content_sha256"], metadata, uri, None, self.model_id()),
+            fingerprint=fingerprint_of(row["content_sha256"], metadata, uri, None, self.binding.model_id()),
             uri=uri, caption=caption.description[: F.MAX_CAPTION_CHARS],
             keywords=[k[: F.MAX_KEYWORD_CHARS] for k in caption.keywords[: F.MAX_KEYWORDS]],
-            metadata=metadata, embedder_model_id=self.model_id(), captioner_model_id=caption.model_id,
+            metadata=metadata, embedder_model_id=self.binding.model_id(), captioner_model_id=caption.model_id,
             ingested_at_ms=int(row.get("ingested_at_ms") or time.time() * 1000),
             image_vector=np.asarray(row[F.IMAGE_VECTOR], dtype=np.float32), caption_vector=caption_vector,
             caption_pending=False,

@@ -4,117 +4,28 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-from enum import Enum
+from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
 
 from services.common.admission import AdmissionLimiter
 from services.common.convert import ComposedContent, Content, ImageContent, TextContent
-from services.common.errors import DeadlineExceeded, FailedPrecondition, InvalidInput
+from services.common.deadline import NO_DEADLINE, Deadline
+from services.common.errors import FailedPrecondition, InvalidInput
 from services.common.intake import ImageIntake, ImageRef
 from services.search import fields as F
+from services.search.binding import EmbedderBinding
+from services.search.domain import Example, Hit, Leg, SearchQuery, SearchResult, Target
 from services.search.metrics import SEARCH_SECONDS, SEARCH_STAGE_SECONDS
-from services.search.milvus_store import DecaySpec, LegQuery, MilvusStore, RawHit, SearchOptions
+from services.search.ports import DecaySpec, Embedder, LegQuery, RawHit, SearchOptions, VectorStore
 from services.search.settings import SearchSettings
-from services.search.upstreams import EmbedderClient
 from services.search.validation import check_filter, check_id, check_vector
-
-
-class Target(str, Enum):
-    IMAGE = "image"
-    CAPTION = "caption"
-    HYBRID = "hybrid"
-    KEYWORD = "keyword"
-
 
 # The Milvus field each single target searches.
 LEG_FIELDS = {Target.IMAGE: F.IMAGE_VECTOR, Target.CAPTION: F.CAPTION_VECTOR, Target.KEYWORD: F.KEYWORD_SPARSE}
 DECAY_FUNCTIONS = ("gauss", "exp", "linear")
 MAX_GROUP_SIZE = 16
-
-
-@dataclass(frozen=True)
-class Fusion:
-    weighted: bool = False
-    rrf_k: int = 60
-    image_weight: float = 0.5
-    caption_weight: float = 0.5
-
-
-@dataclass(frozen=True)
-class Leg:
-    """One leg of a hybrid search and its weight (WEIGHTED fusion)."""
-
-    target: Target
-    weight: float = 1.0
-
-
-@dataclass(frozen=True)
-class Example:
-    """One example of a multi-example query: content to embed, or a stored item's id."""
-
-    weight: float
-    content: Content | None = None
-    id: str = ""
-
-
-@dataclass(frozen=True)
-class GroupBy:
-    field: str
-    size: int = 1
-
-
-@dataclass(frozen=True)
-class Decay:
-    field: str
-    scale: float
-    function: str = "gauss"
-    origin: float = 0.0  # for ingested_at, 0 means now
-    offset: float = 0.0
-    decay: float = 0.5
-
-
-@dataclass(frozen=True)
-class SearchQuery:
-    content: Content | None = None
-    vector: list[float] | None = None
-    target: Target = Target.IMAGE
-    fusion: Fusion = field(default_factory=Fusion)
-    top_k: int = 10
-    offset: int = 0
-    filter: str = ""
-    output_fields: tuple[str, ...] = ()
-    legs: tuple[Leg, ...] = ()
-    like_id: str = ""
-    examples: tuple[Example, ...] = ()
-    min_score: float | None = None
-    group_by: GroupBy | None = None
-    decay: Decay | None = None
-
-    @property
-    def embeds(self) -> bool:
-        """The query needs the embedder."""
-        return self.content is not None or any(e.content is not None for e in self.examples)
-
-
-@dataclass(frozen=True)
-class Hit:
-    rank: int
-    id: str
-    score: float
-    fields: dict[str, Any]  # caller-facing names (see fields.OUTPUT_FIELDS)
-
-
-@dataclass(frozen=True)
-class SearchResult:
-    hits: list[Hit]
-    target: Target
-    embed_ms: float
-    milvus_ms: float
-    total_ms: float
 
 
 def mode_label(query: SearchQuery) -> str:
@@ -129,10 +40,6 @@ def mode_label(query: SearchQuery) -> str:
     return f"{kind}->{query.target.value}"
 
 
-def _no_gate() -> None:
-    return None
-
-
 def _finite(value: float, what: str) -> float:
     if not math.isfinite(value):
         raise InvalidInput(f"{what} must be a finite number, got {value}")
@@ -140,22 +47,20 @@ def _finite(value: float, what: str) -> float:
 
 
 class SearchEngine:
-    """`embedder_gate` raises when queries cannot be embedded now (embedder unreachable, or
-    not bound to the collection's model yet): such calls fail at once, before taking an
-    admission slot. `bound_model_id` is the model the collection was built by ("" while
-    unknown); query_vector, like_id and stored-id searches need only Milvus.
+    """Queries that need the embedder fail at once, before taking an admission slot, when it
+    cannot serve (`binding.require`); query_vector, like_id and stored-id searches need only
+    the store.
     """
 
     def __init__(
-        self, settings: SearchSettings, store: MilvusStore, embedder: EmbedderClient, intake: ImageIntake,
-        embedder_gate: Callable[[], None] = _no_gate, bound_model_id: Callable[[], str] = lambda: "",
+        self, settings: SearchSettings, store: VectorStore, embedder: Embedder, intake: ImageIntake,
+        binding: EmbedderBinding,
     ) -> None:
         self.settings = settings
         self.store = store
         self.embedder = embedder
         self.intake = intake
-        self.embedder_gate = embedder_gate
-        self.bound_model_id = bound_model_id
+        self.binding = binding
         self.limiter = AdmissionLimiter(settings.max_concurrent_searches, settings.max_waiting_searches, "searches")
         self.exports = AdmissionLimiter(settings.max_concurrent_exports, 0, "SearchAll streams")
 
@@ -229,10 +134,7 @@ class SearchEngine:
     @staticmethod
     def _validate_fusion(q: SearchQuery) -> None:
         fuse = q.fusion
-        if not 0 < fuse.rrf_k < 16384:
-            raise InvalidInput(f"fusion.rrf_k must be in (0, 16384), got {fuse.rrf_k}")
-        if fuse.weighted and not (0 <= fuse.image_weight <= 1 and 0 <= fuse.caption_weight <= 1):
-            raise InvalidInput("fusion weights must be in [0, 1]")
+        fuse.validate()
         seen = set()
         for leg in q.legs:
             if leg.target not in LEG_FIELDS:
@@ -298,7 +200,7 @@ class SearchEngine:
         fields = [F.OUTPUT_FIELDS[n] for n in names if n != F.CAPTION_PENDING or self.store.pending_supported]
         return SearchOptions(expr, fields, q.min_score, group_by, decay)
 
-    async def _leg_queries(self, q: SearchQuery, deadline: float | None) -> list[LegQuery]:
+    async def _leg_queries(self, q: SearchQuery, deadline: Deadline) -> list[LegQuery]:
         """Each leg's query data: a vector for dense legs, text for the keyword leg."""
         info = await self.store.require()
         legs = self._legs(q)
@@ -336,7 +238,7 @@ class SearchEngine:
             return text
         return np.asarray(stored[F.IMAGE_VECTOR if target is Target.IMAGE else F.CAPTION_VECTOR], dtype=np.float32)
 
-    async def _example_legs(self, q: SearchQuery, legs: list[Leg], deadline: float | None) -> list[LegQuery]:
+    async def _example_legs(self, q: SearchQuery, legs: list[Leg], deadline: Deadline) -> list[LegQuery]:
         """The L2-normalised weighted sum of the examples' vectors, per dense leg."""
         contents = [e.content for e in q.examples if e.content is not None]
         embedded = iter(await self._embed(contents, deadline)) if contents else iter(())
@@ -358,7 +260,7 @@ class SearchEngine:
             out.append(LegQuery(LEG_FIELDS[leg.target], np.asarray(total / norm, dtype=np.float32), leg.weight))
         return out
 
-    async def _embed(self, contents: list[Content], deadline: float | None = None) -> np.ndarray:
+    async def _embed(self, contents: list[Content], deadline: Deadline) -> np.ndarray:
         """Embeds query contents in one call, checking the model that built the collection."""
         fetched: list[Content] = []
         for content in contents:
@@ -371,26 +273,21 @@ class SearchEngine:
                 )
             fetched.append(content)
         # The caller's deadline goes downstream (gRPC does not propagate it by itself).
-        remaining = None if deadline is None else deadline - time.monotonic()
-        if remaining is not None and remaining <= 0:
-            raise DeadlineExceeded("the Search call's deadline passed before the query was embedded")
-        vectors, model = await self.embedder.embed(fetched, timeout_s=remaining)
-        bound = self.bound_model_id()
-        if bound and model != bound:
-            raise FailedPrecondition(f"embedder now serves {model!r}, the collection was built by {bound!r}")
+        deadline.check("the query was embedded")
+        vectors, model = await self.embedder.embed(fetched, deadline)
+        self.binding.check_vectors_from(model)
         return vectors
 
     # --- the calls -------------------------------------------------------------------------
 
-    async def search(self, q: SearchQuery, time_remaining_s: float | None = None) -> SearchResult:
+    async def search(self, q: SearchQuery, deadline: Deadline = NO_DEADLINE) -> SearchResult:
         # total_ms covers the whole call (validation, the wait for admission, hit building),
         # so total - embed - milvus is the service's own share (bench/search_overhead.py).
         entered = time.perf_counter()
         self._validate_page(q)
         names, expr = self._validate(q)
-        deadline = None if time_remaining_s is None else time.monotonic() + time_remaining_s
         if q.embeds:
-            self.embedder_gate()  # fail fast, holding no admission slot
+            self.binding.require()  # fail fast, holding no admission slot
         async with self.limiter.admit():
             start = time.perf_counter()
             opts = await self._options(q, names, expr)
@@ -410,7 +307,7 @@ class SearchEngine:
         return SearchResult(hits, q.target, (embedded - start) * 1000, (done - embedded) * 1000, total_ms)
 
     async def search_all(
-        self, q: SearchQuery, limit: int, batch_size: int, time_remaining_s: float | None = None
+        self, q: SearchQuery, limit: int, batch_size: int, deadline: Deadline = NO_DEADLINE
     ) -> AsyncIterator[list[Hit]]:
         """Every hit in rank order, in batches (Milvus' search iterator), past the window."""
         if q.target is Target.HYBRID or q.group_by is not None or q.decay is not None:
@@ -421,9 +318,8 @@ class SearchEngine:
         if not 1 <= batch_size <= MAX_EXPORT_BATCH:
             raise InvalidInput(f"batch_size must be between 1 and {MAX_EXPORT_BATCH}, got {batch_size}")
         names, expr = self._validate(q)
-        deadline = None if time_remaining_s is None else time.monotonic() + time_remaining_s
         if q.embeds:
-            self.embedder_gate()
+            self.binding.require()
         async with self.exports.admit():
             async with self.limiter.admit():
                 opts = await self._options(q, names, expr)

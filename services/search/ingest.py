@@ -16,16 +16,15 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from enum import Enum
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
 from services.common.convert import Content, ImageContent, TextContent
+from services.common.deadline import NO_DEADLINE, Deadline
 from services.common.errors import (
     AlreadyExists,
     DeadlineExceeded,
-    FailedPrecondition,
     InvalidInput,
     Overloaded,
     ServiceError,
@@ -34,80 +33,16 @@ from services.common.errors import (
 from services.common.intake import ImageIntake, ImageRef
 from services.common.log import get_logger
 from services.search import fields as F
+from services.search.binding import EmbedderBinding
+from services.search.domain import CaptionResult, IngestItem, ItemStatus, Outcome, Progress
 from services.search.metrics import INGEST_IN_FLIGHT, INGEST_ITEMS, INGEST_STAGE_SECONDS
-from services.search.milvus_store import StoredRow
 from services.search.pending import PendingImages
+from services.search.ports import Captioner, Embedder, StoredRow, VectorStore
 from services.search.settings import SearchSettings
-from services.search.upstreams import CaptionResult
 from services.search.validation import check_id, parse_metadata
 
 log = get_logger(__name__)
 T = TypeVar("T")
-
-
-class ItemStatus(str, Enum):
-    STORED = "stored"
-    UNCHANGED = "unchanged"
-    FAILED = "failed"
-    # An earlier item of the same stream has this id; this one is not stored.
-    DUPLICATE = "duplicate"
-    # Stored with its image vector only: captioning failed and the server defers it
-    # (SEARCH_ON_CAPTION_FAILURE=defer); `caption_pending` until a backfill captions it.
-    DEFERRED = "deferred"
-
-
-@dataclass(frozen=True)
-class CaptionInput:
-    description: str
-    keywords: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class IngestItem:
-    index: int
-    image: ImageRef
-    id: str = ""
-    metadata_json: str = ""
-    caption: CaptionInput | None = None
-    source_uri: str = ""
-    # Set when the item's bytes could not be decoded: it fails with this reason.
-    decode_error: str = ""
-
-
-@dataclass(frozen=True)
-class Outcome:
-    index: int
-    id: str
-    status: ItemStatus
-    error: ServiceError | None = None
-
-
-@dataclass
-class Progress:
-    received: int = 0
-    stored: int = 0
-    unchanged: int = 0
-    failed: int = 0
-    duplicate: int = 0
-    deferred: int = 0
-
-    @property
-    def in_flight(self) -> int:
-        return self.received - self.stored - self.unchanged - self.failed - self.duplicate - self.deferred
-
-
-class Captioner(Protocol):
-    async def caption(self, image_bytes: bytes, timeout_s: float | None = None) -> CaptionResult: ...
-
-
-class Embedder(Protocol):
-    async def embed(self, items: list[Content], timeout_s: float | None = None) -> tuple[np.ndarray, str]: ...
-
-
-class Store(Protocol):
-    async def fingerprints(self, ids: list[str]) -> dict[str, str]: ...
-    async def upsert(self, rows: list[StoredRow]) -> None: ...
-    def indexed_values(self, metadata: dict[str, Any]) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -186,8 +121,8 @@ class IngestPipeline:
         intake: ImageIntake,
         captioner: Captioner,
         embedder: Embedder,
-        store: Store,
-        embedder_model_id: Callable[[], str],
+        store: VectorStore,
+        binding: EmbedderBinding,
         pending_images: PendingImages | None = None,
     ) -> None:
         self.settings = settings
@@ -195,7 +130,7 @@ class IngestPipeline:
         self.captioner = captioner
         self.embedder = embedder
         self.store = store
-        self.embedder_model_id = embedder_model_id
+        self.binding = binding
         self.pending_images = pending_images
 
     def defers(self, error: ServiceError) -> bool:
@@ -205,14 +140,14 @@ class IngestPipeline:
         return (
             self.settings.on_caption_failure == "defer"
             and isinstance(error, Unavailable | Overloaded | DeadlineExceeded)
-            and bool(getattr(self.store, "pending_supported", False))
+            and self.store.pending_supported
         )
 
     async def run(
-        self, items: AsyncIterator[IngestItem], time_remaining: Callable[[], float | None] = lambda: None
+        self, items: AsyncIterator[IngestItem], deadline: Deadline = NO_DEADLINE
     ) -> AsyncIterator[tuple[list[Outcome], Progress]]:
         """Yields (new outcomes, running totals) until every received item has an outcome."""
-        run = _Run(self, time_remaining)
+        run = _Run(self, deadline)
         async for chunk in run.execute(items):
             yield chunk
 
@@ -220,11 +155,11 @@ class IngestPipeline:
 class _Run:
     """The state of one Ingest call."""
 
-    def __init__(self, pipeline: IngestPipeline, time_remaining: Callable[[], float | None]) -> None:
+    def __init__(self, pipeline: IngestPipeline, deadline: Deadline) -> None:
         s = pipeline.settings
         self.p = pipeline
         self.s = s
-        self.time_remaining = time_remaining
+        self.deadline = deadline
         self.progress = Progress()
         self.feeding = True
         self.feed_error: BaseException | None = None
@@ -270,14 +205,11 @@ class _Run:
         self.slots.release()
         self.outcomes.put_nowait(outcome)
 
-    def timeout_s(self) -> float:
-        remaining = self.time_remaining()
-        limit = self.s.upstream_timeout_s
-        if remaining is None:
-            return limit
-        if remaining <= 0:
+    def item_deadline(self) -> Deadline:
+        """The call's deadline for an upstream call on an item (each upstream caps it)."""
+        if self.deadline.expired():
             raise DeadlineExceeded("the Ingest call's deadline passed before this item was processed")
-        return min(limit, remaining)
+        return self.deadline
 
     def spawn(self, coro: Any) -> None:
         self.tasks.append(asyncio.create_task(coro))
@@ -382,7 +314,7 @@ class _Run:
         if len(uri) > F.MAX_URI_CHARS:
             raise InvalidInput(f"uri is longer than {F.MAX_URI_CHARS} characters")
         fingerprint = fingerprint_of(
-            decoded, metadata, uri, item.caption.__dict__ if item.caption else None, self.p.embedder_model_id())
+            decoded, metadata, uri, item.caption.__dict__ if item.caption else None, self.p.binding.model_id())
         work = _Work(item, data, decoded, item_id, fingerprint, metadata, uri)
         if item.caption is not None:
             work.caption = CaptionResult(item.caption.description, list(item.caption.keywords), "caller")
@@ -414,7 +346,7 @@ class _Run:
             self.captioning += 1
             start = time.perf_counter()
             try:
-                w.caption = await self.p.captioner.caption(w.data, timeout_s=self.timeout_s())
+                w.caption = await self.p.captioner.caption(w.data, self.item_deadline())
             except ServiceError as e:
                 error = type(e)(f"caption failed: {e.message}")
                 if self.p.defers(e):  # stored now with its image vector, captioned later
@@ -457,13 +389,9 @@ class _Run:
                 contents.append(TextContent(caption_text(w.caption)))
         start = time.perf_counter()
         try:
-            if not self.p.embedder_model_id():
-                raise Unavailable("embedder: not bound to the collection yet (search is waiting for it)")
-            vectors, model_id = await self.p.embedder.embed(contents, timeout_s=self.timeout_s())
-            if model_id != self.p.embedder_model_id():
-                raise FailedPrecondition(
-                    f"embedder now serves {model_id!r}, the collection was built by {self.p.embedder_model_id()!r}"
-                )
+            self.p.binding.bound_model()
+            vectors, model_id = await self.p.embedder.embed(contents, self.item_deadline())
+            self.p.binding.check_vectors_from(model_id)
         except InvalidInput as e:
             if allow_split and len(batch) > 1:  # find the one bad item instead of failing all
                 for w in batch:
@@ -501,7 +429,7 @@ class _Run:
                         # captions it (never "unchanged" while pending).
                         id=w.id, content_sha256=w.sha256, fingerprint=pending_fingerprint(w.fingerprint),
                         uri=w.uri, caption="", keywords=[], metadata=w.metadata,
-                        embedder_model_id=self.p.embedder_model_id(), captioner_model_id="", ingested_at_ms=now_ms,
+                        embedder_model_id=self.p.binding.model_id(), captioner_model_id="", ingested_at_ms=now_ms,
                         image_vector=w.vectors[0], caption_vector=w.vectors[1], caption_pending=True,
                     ))
                     continue
@@ -510,7 +438,7 @@ class _Run:
                     id=w.id, content_sha256=w.sha256, fingerprint=w.fingerprint, uri=w.uri,
                     caption=w.caption.description[: F.MAX_CAPTION_CHARS],
                     keywords=[k[: F.MAX_KEYWORD_CHARS] for k in w.caption.keywords[: F.MAX_KEYWORDS]],
-                    metadata=w.metadata, embedder_model_id=self.p.embedder_model_id(),
+                    metadata=w.metadata, embedder_model_id=self.p.binding.model_id(),
                     captioner_model_id=w.caption.model_id, ingested_at_ms=now_ms,
                     image_vector=w.vectors[0], caption_vector=w.vectors[1],
                 ))

@@ -1,4 +1,5 @@
-"""The Milvus collection behind search: schema, model guard, reads and writes.
+"""The Milvus collection behind search (`ports.VectorStore`): schema, model guard, reads
+and writes.
 
 Uses pymilvus' `MilvusClient`, so the same code serves an embedded Milvus Lite file and a
 Milvus server / cluster. The client is synchronous; calls run on a small thread pool so
@@ -14,7 +15,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
@@ -25,6 +26,7 @@ from services.common import principal
 from services.common.errors import FailedPrecondition, InvalidInput, Unavailable
 from services.search import fields as F
 from services.search.metrics import MILVUS_SECONDS
+from services.search.ports import CollectionInfo, DecaySpec, LegQuery, RawHit, SearchOptions, StoredRow
 from services.search.settings import SearchSettings, parse_indexed_fields
 
 T = TypeVar("T")
@@ -35,24 +37,6 @@ PROP_INDEXED = "mmsearch.indexed_fields"  # "name:type,..." (see SearchSettings.
 _INDEXED_DTYPES = {"string": DataType.VARCHAR, "int": DataType.INT64, "float": DataType.DOUBLE, "bool": DataType.BOOL}
 MAX_INDEXED_STRING_CHARS = 512
 SCALAR_FIELDS = ["id", "content_sha256", "fingerprint", *(f for f in F.OUTPUT_FIELDS.values() if f != F.CAPTION_PENDING)]
-
-
-@dataclass(frozen=True)
-class CollectionInfo:
-    """What the collection records about itself."""
-
-    model_id: str
-    dimension: int
-    # Collections created before deferred captions have no `caption_pending` field (and
-    # Milvus Lite cannot add one): their rows are all "not pending" and Ingest cannot defer.
-    has_caption_pending: bool
-    # The keyword (BM25) leg; absent from collections created before it.
-    has_keyword: bool = False
-    # Typed metadata columns: name -> "string" | "int" | "float" | "bool".
-    indexed_fields: dict[str, str] = field(default_factory=dict)
-    # A `tenant` partition-key field; absent from collections created before tenants
-    # (those serve the default tenant only).
-    has_tenant: bool = False
 
 
 @dataclass(frozen=True)
@@ -113,66 +97,6 @@ class Tenancy:
             item_id = self.unkey(r["id"])
             out[item_id] = {**{k: v for k, v in r.items() if k != F.TENANT}, "id": item_id}
         return out
-
-
-@dataclass(frozen=True)
-class LegQuery:
-    """One searched field and what it is searched with: a dense vector, or text for BM25."""
-
-    field: str  # F.IMAGE_VECTOR, F.CAPTION_VECTOR or F.KEYWORD_SPARSE
-    data: np.ndarray | str
-    weight: float = 1.0
-
-
-@dataclass(frozen=True)
-class DecaySpec:
-    """A Milvus decay reranker over a numeric field (already resolved to the column)."""
-
-    function: str  # gauss | exp | linear
-    field: str
-    origin: float
-    scale: float
-    offset: float = 0.0
-    decay: float = 0.5
-
-
-@dataclass(frozen=True)
-class SearchOptions:
-    """What every search shares besides its legs and page."""
-
-    filter: str = ""
-    output_fields: list[str] = field(default_factory=list)
-    min_score: float | None = None
-    group_by: tuple[str, int] | None = None
-    decay: DecaySpec | None = None
-
-
-@dataclass(frozen=True)
-class StoredRow:
-    """One item ready to write."""
-
-    id: str
-    content_sha256: str
-    fingerprint: str
-    uri: str
-    caption: str
-    keywords: list[str]
-    metadata: dict[str, Any]
-    embedder_model_id: str
-    captioner_model_id: str
-    ingested_at_ms: int
-    image_vector: np.ndarray
-    caption_vector: np.ndarray
-    # The caption is still to be made (deferred): `caption_vector` is a placeholder (the
-    # image vector, never searched: caption legs exclude pending rows).
-    caption_pending: bool = False
-
-
-@dataclass(frozen=True)
-class RawHit:
-    id: str
-    score: float  # similarity: higher is better
-    entity: dict[str, Any]
 
 
 def _is_connection_error(e: BaseException) -> bool:

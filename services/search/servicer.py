@@ -10,26 +10,33 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from mmsearch.common.v1 import types_pb2
 from mmsearch.search.v1 import search_pb2, search_pb2_grpc
 from services.common.convert import content_from_proto, image_ref_from_proto
-from services.common.interceptors import item_error
-from services.common.errors import FailedPrecondition, InvalidInput, ServiceError
+from services.common.deadline import deadline_of
+from services.common.errors import InvalidInput, ServiceError
 from services.common.intake import ImageRef
-from services.search.backfill import Backfiller, BackfillStatus
-from services.search.engine import (
+from services.common.interceptors import item_error
+from services.search.backfill import Backfiller
+from services.search.catalog import Catalog
+from services.search.domain import (
+    BackfillStatus,
+    CaptionInput,
+    CollectionStats,
     Decay,
     Example,
     Fusion,
     GroupBy,
     Hit,
+    IngestItem,
+    ItemStatus,
     Leg,
-    SearchEngine,
+    Outcome,
+    Progress,
+    Record,
     SearchQuery,
     Target,
-    metadata_json,
 )
-from services.search.ingest import CaptionInput, IngestItem, IngestPipeline, ItemStatus, Outcome, Progress
+from services.search.engine import SearchEngine, metadata_json
+from services.search.ingest import IngestPipeline
 from services.search.ingest_wire import BrokenItem
-from services.search.milvus_store import MilvusStore
-from services.search.validation import check_id
 
 _TARGETS = {
     search_pb2.TARGET_UNSPECIFIED: Target.IMAGE,
@@ -49,7 +56,6 @@ _STATUS = {ItemStatus.STORED: search_pb2.ITEM_STATUS_STORED, ItemStatus.UNCHANGE
 _BACKFILL_STATUS = {BackfillStatus.CAPTIONED: search_pb2.BACKFILL_STATUS_CAPTIONED,
                     BackfillStatus.FAILED: search_pb2.BACKFILL_STATUS_FAILED,
                     BackfillStatus.SKIPPED: search_pb2.BACKFILL_STATUS_SKIPPED}
-MAX_IDS = 1000
 
 
 def _timestamp(ms: Any) -> Timestamp | None:
@@ -65,13 +71,11 @@ def _query(request: search_pb2.SearchRequest) -> SearchQuery:
     if f.method not in (search_pb2.FUSION_METHOD_UNSPECIFIED, search_pb2.FUSION_METHOD_RRF,
                         search_pb2.FUSION_METHOD_WEIGHTED):
         raise InvalidInput(f"unknown fusion method {f.method}")
-    weighted = f.method == search_pb2.FUSION_METHOD_WEIGHTED
-    image_w, caption_w = (f.image_weight, f.caption_weight) if (f.image_weight or f.caption_weight) else (0.5, 0.5)
     return SearchQuery(
         content=content_from_proto(request.query) if request.HasField("query") else None,
         vector=list(request.query_vector.values) if request.HasField("query_vector") else None,
         target=_target(request.target),
-        fusion=Fusion(weighted, f.rrf_k or 60, image_w, caption_w),
+        fusion=Fusion.given(f.method == search_pb2.FUSION_METHOD_WEIGHTED, f.rrf_k, f.image_weight, f.caption_weight),
         top_k=request.top_k,
         offset=request.offset,
         filter=request.filter,
@@ -117,38 +121,24 @@ def _hit(hit: Hit) -> search_pb2.Hit:
     )
 
 
-def _ids(ids: Any) -> list[str]:
-    ids = list(ids)
-    if not 1 <= len(ids) <= MAX_IDS:
-        raise InvalidInput(f"give 1 to {MAX_IDS} ids, got {len(ids)}")
-    # pymilvus turns ids into the expression `id in ['a', 'b']` without escaping, so a
-    # quote in an id would inject expression text (one crafted id could select, and
-    # Delete remove, every row). Only the id alphabet ingest accepts can pass.
-    for item_id in ids:
-        check_id(item_id)
-    return ids
-
-
 def _error(e: ServiceError | None) -> types_pb2.ItemError | None:
     return item_error(e) if e else None
 
 
 class SearchServicer(search_pb2_grpc.SearchServicer):
+    """Protobuf <-> domain, and nothing else: each RPC converts, calls the domain, converts."""
+
     def __init__(
-        self, engine: SearchEngine, pipeline: IngestPipeline, store: MilvusStore, stats_extra: Any,
-        backfiller: Backfiller | None = None,
+        self, engine: SearchEngine, pipeline: IngestPipeline, catalog: Catalog, backfiller: Backfiller
     ) -> None:
         self.engine = engine
         self.pipeline = pipeline
-        self.store = store
-        self.stats_extra = stats_extra  # async () -> dict of model ids
+        self.catalog = catalog
         self.backfiller = backfiller
 
     async def Backfill(
         self, request: search_pb2.BackfillRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[search_pb2.BackfillResponse]:
-        if self.backfiller is None:
-            raise FailedPrecondition("this server has no backfill")
         if request.max_items_per_s < 0:
             raise InvalidInput(f"max_items_per_s must be >= 0, got {request.max_items_per_s}")
         async for outcomes, p in self.backfiller.run(request.max_items, request.max_items_per_s):
@@ -160,7 +150,7 @@ class SearchServicer(search_pb2_grpc.SearchServicer):
             )
 
     async def Search(self, request: search_pb2.SearchRequest, context: grpc.aio.ServicerContext) -> search_pb2.SearchResponse:
-        result = await self.engine.search(_query(request), context.time_remaining())
+        result = await self.engine.search(_query(request), deadline_of(context))
         return search_pb2.SearchResponse(
             hits=[_hit(h) for h in result.hits],
             target=_TARGETS_OUT[result.target],
@@ -173,7 +163,7 @@ class SearchServicer(search_pb2_grpc.SearchServicer):
         query = _query(request.search)
         sent = 0
         async for hits in self.engine.search_all(
-            query, request.limit, request.batch_size or DEFAULT_EXPORT_BATCH, context.time_remaining()
+            query, request.limit, request.batch_size or DEFAULT_EXPORT_BATCH, deadline_of(context)
         ):
             sent += len(hits)
             yield search_pb2.SearchAllResponse(hits=[_hit(h) for h in hits], sent=sent)
@@ -192,37 +182,35 @@ class SearchServicer(search_pb2_grpc.SearchServicer):
                         yield _ingest_item(index, it)
                     index += 1
 
-        async for outcomes, progress in self.pipeline.run(items(), context.time_remaining):
+        async for outcomes, progress in self.pipeline.run(items(), deadline_of(context)):
             yield search_pb2.IngestResponse(outcomes=[_outcome(o) for o in outcomes], progress=_progress(progress))
 
     async def Get(self, request: search_pb2.GetRequest, context: grpc.aio.ServicerContext) -> search_pb2.GetResponse:
-        ids = _ids(request.ids)
-        rows = await self.store.get(ids)
-        records = [
-            search_pb2.Record(
-                id=r["id"], uri=r.get("uri", ""), caption=r.get("caption", ""), keywords=r.get("keywords") or [],
-                metadata_json=metadata_json(r.get("metadata")), embedder_model_id=r.get("embedder_model_id", ""),
-                captioner_model_id=r.get("captioner_model_id", ""), ingested_at=_timestamp(r.get("ingested_at_ms")),
-                content_sha256=r.get("content_sha256", ""), caption_pending=bool(r.get("caption_pending")),
-            )
-            for i in ids if (r := rows.get(i)) is not None
-        ]
-        return search_pb2.GetResponse(records=records, missing_ids=[i for i in ids if i not in rows])
+        records, missing = await self.catalog.get(request.ids)
+        return search_pb2.GetResponse(records=[_record(r) for r in records], missing_ids=missing)
 
     async def Delete(self, request: search_pb2.DeleteRequest, context: grpc.aio.ServicerContext) -> search_pb2.DeleteResponse:
-        return search_pb2.DeleteResponse(deleted_count=await self.store.delete(_ids(request.ids)))
+        return search_pb2.DeleteResponse(deleted_count=await self.catalog.delete(request.ids))
 
     async def Stats(self, request: search_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> search_pb2.StatsResponse:
-        extra = await self.stats_extra()
-        return search_pb2.StatsResponse(
-            collection=self.store.collection, item_count=await self.store.count(),
-            embedder_model_id=extra["embedder_model_id"], dimension=extra["dimension"],
-            captioner_model_id=extra["captioner_model_id"], index_type=await self.store.index_type(),
-            metric_type=self.store.settings.metric_type, milvus_mode=self.store.mode,
-            caption_pending_count=await self.store.count_pending(),
-            keyword_index=bool(self.store.info and self.store.info.has_keyword),
-            indexed_fields=[f"{n}:{k}" for n, k in (self.store.info.indexed_fields if self.store.info else {}).items()],
-        )
+        return _stats(await self.catalog.stats())
+
+
+def _record(r: Record) -> search_pb2.Record:
+    return search_pb2.Record(
+        id=r.id, uri=r.uri, caption=r.caption, keywords=r.keywords, metadata_json=metadata_json(r.metadata),
+        embedder_model_id=r.embedder_model_id, captioner_model_id=r.captioner_model_id,
+        ingested_at=_timestamp(r.ingested_at_ms), content_sha256=r.content_sha256, caption_pending=r.caption_pending,
+    )
+
+
+def _stats(s: CollectionStats) -> search_pb2.StatsResponse:
+    return search_pb2.StatsResponse(
+        collection=s.collection, item_count=s.item_count, embedder_model_id=s.embedder_model_id,
+        dimension=s.dimension, captioner_model_id=s.captioner_model_id, index_type=s.index_type,
+        metric_type=s.metric_type, milvus_mode=s.milvus_mode, caption_pending_count=s.caption_pending_count,
+        keyword_index=s.keyword_index, indexed_fields=[f"{n}:{k}" for n, k in s.indexed_fields.items()],
+    )
 
 
 def _ingest_item(index: int, it: search_pb2.IngestItem) -> IngestItem:

@@ -1,4 +1,5 @@
-"""Clients for the embedder and captioner services, as the search domain sees them.
+"""gRPC clients of the embedder and captioner: the `ports.Embedder` / `ports.Captioner`
+that the search service runs with.
 
 One long-lived channel per upstream (with gRPC's retry policy on UNAVAILABLE); upstream
 status codes become domain errors so the pipeline never handles grpc types.
@@ -6,7 +7,6 @@ status codes become domain errors so the pipeline never handles grpc types.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -18,23 +18,10 @@ from mmsearch.common.v1 import types_pb2
 from mmsearch.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from services.common.channels import ReloadingChannel
 from services.common.convert import Content, content_to_proto
+from services.common.deadline import NO_DEADLINE, Deadline
 from services.common.errors import DeadlineExceeded, InvalidInput, Overloaded, ServiceError, Unavailable
+from services.search.domain import CaptionResult, EmbedderInfo
 from services.search.settings import SearchSettings
-
-
-@dataclass(frozen=True)
-class EmbedderInfo:
-    model_id: str
-    dimension: int
-    composed_native: bool
-    max_batch_items: int
-
-
-@dataclass(frozen=True)
-class CaptionResult:
-    description: str
-    keywords: list[str]
-    model_id: str
 
 
 def _domain_error(who: str, e: grpc.aio.AioRpcError) -> ServiceError:
@@ -109,22 +96,17 @@ class EmbedderClient(_UpstreamClient):
             raise _domain_error("embedder", e) from None
         return EmbedderInfo(r.model_id, r.dimension, r.composed_native, r.max_batch_items)
 
-    async def embed(self, items: Sequence[Content], timeout_s: float | None = None) -> tuple[np.ndarray, str]:
-        """Returns (vectors [N, dim] float32, model id)."""
-        return await self.embed_proto([content_to_proto(c) for c in items], timeout_s)
-
-    async def embed_proto(
-        self, items: Sequence[types_pb2.Content], timeout_s: float | None = None
-    ) -> tuple[np.ndarray, str]:
+    async def embed(self, items: Sequence[Content], deadline: Deadline = NO_DEADLINE) -> tuple[np.ndarray, str]:
+        """Returns (vectors [N, dim] float32, model id); the caller's deadline goes along."""
         try:
             reply = await self._stub.Embed(
-                embedder_pb2.EmbedRequest(items=items), timeout=min(timeout_s or self._timeout_s, self._timeout_s)
+                embedder_pb2.EmbedRequest(items=[content_to_proto(c) for c in items]),
+                timeout=deadline.cap(self._timeout_s),
             )
         except grpc.aio.AioRpcError as e:
             raise _domain_error("embedder", e) from None
         vectors = np.array([e.values for e in reply.embeddings], dtype=np.float32)
         return vectors, reply.model_id
-
 
 
 class CaptionerClient(_UpstreamClient):
@@ -133,11 +115,11 @@ class CaptionerClient(_UpstreamClient):
     def __init__(self, settings: SearchSettings) -> None:
         super().__init__(settings, settings.captioner_target)
 
-    async def caption(self, image_bytes: bytes, timeout_s: float | None = None) -> CaptionResult:
+    async def caption(self, image_bytes: bytes, deadline: Deadline = NO_DEADLINE) -> CaptionResult:
         try:
             reply = await self._stub.Caption(
                 captioner_pb2.CaptionRequest(image=types_pb2.Image(data=image_bytes)),
-                timeout=min(timeout_s or self._timeout_s, self._timeout_s),
+                timeout=deadline.cap(self._timeout_s),
             )
         except grpc.aio.AioRpcError as e:
             raise _domain_error("captioner", e) from None

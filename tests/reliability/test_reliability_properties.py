@@ -36,7 +36,8 @@ from services.common.images import DecodedImage, decode_image
 from services.common.settings import ImageLimits
 from services.search import fields as F
 from services.search.engine import SearchEngine
-from services.search.servicer import _ids, _ingest_item, _query
+from services.search.catalog import check_ids
+from services.search.servicer import _ingest_item, _query
 from services.search.settings import SearchSettings
 from services.search.validation import check_filter, check_id, check_vector, parse_metadata
 
@@ -213,7 +214,7 @@ def test_query_vector_is_finite_nonzero_of_the_right_dimension(values: list[floa
 @given(st.lists(st.text(max_size=30), max_size=1200))
 def test_get_delete_ids_are_bounded_and_valid(ids: list[str]) -> None:
     try:
-        out = _ids(ids)
+        out = check_ids(ids)
     except InvalidInput:
         return
     assert 1 <= len(out) <= 1000 and all(check_id(i) == i for i in out)
@@ -222,7 +223,7 @@ def test_get_delete_ids_are_bounded_and_valid(ids: list[str]) -> None:
 # --- search request decoding (servicer + engine validation) ---------------------------------------
 
 
-ENGINE = SearchEngine(SearchSettings(), store=None, embedder=None, intake=None)  # type: ignore[arg-type]
+ENGINE = SearchEngine(SearchSettings(), store=None, embedder=None, intake=None, binding=None)  # type: ignore[arg-type]
 
 
 @FAST

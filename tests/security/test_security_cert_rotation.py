@@ -209,7 +209,7 @@ async def test_the_search_service_reloads_its_upstream_files_by_itself(tmp_path:
         return asyncio.get_running_loop().time() - start
 
     try:
-        await until(lambda: service.captioner_health is True, 5)
+        await until(lambda: service.catalog.captioner_health is True, 5)
         mount(server_dir, "..v2", mounted(new))
         mount(client_dir, "..v2", mounted(new, "client"))
         took = await until(lambda: REGISTRY.get_sample_value(GAUGE, labels) == not_after(new.client.cert), 5)
@@ -217,7 +217,7 @@ async def test_the_search_service_reloads_its_upstream_files_by_itself(tmp_path:
         # Its probes now run over the new channel, through a handshake with the new files.
         await asyncio.sleep(1.5)
         assert service.captioner._rc.generation == 1
-        assert service.captioner_health is True
+        assert service.catalog.captioner_health is True
     finally:
         await search.stop(0)
         await upstream.stop(0)

@@ -1,0 +1,67 @@
+"""Items by id and what the collection holds: the Get, Delete and Stats calls."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from services.common.errors import InvalidInput
+from services.search.binding import EmbedderBinding
+from services.search.domain import CollectionStats, Record
+from services.search.ports import Captioner, VectorStore
+from services.search.settings import SearchSettings
+from services.search.validation import check_id
+
+MAX_IDS = 1000
+
+
+def check_ids(ids: Sequence[str]) -> list[str]:
+    ids = list(ids)
+    if not 1 <= len(ids) <= MAX_IDS:
+        raise InvalidInput(f"give 1 to {MAX_IDS} ids, got {len(ids)}")
+    # pymilvus turns ids into the expression `id in ['a', 'b']` without escaping, so a
+    # quote in an id would inject expression text (one crafted id could select, and
+    # Delete remove, every row). Only the id alphabet ingest accepts can pass.
+    for item_id in ids:
+        check_id(item_id)
+    return ids
+
+
+class Catalog:
+    def __init__(
+        self, settings: SearchSettings, store: VectorStore, binding: EmbedderBinding, captioner: Captioner
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.binding = binding
+        self.captioner = captioner
+        # Last health probe of the captioner (None: unreachable): Stats asks it for its
+        # model only when it answers, so an unreachable captioner costs Stats no timeout.
+        self.captioner_health: bool | None = None
+
+    async def get(self, ids: Sequence[str]) -> tuple[list[Record], list[str]]:
+        """(records of the stored ids, in the order asked; the ids not stored)."""
+        ids = check_ids(ids)
+        rows = await self.store.get(ids)
+        records = [
+            Record(
+                id=r["id"], uri=r.get("uri", ""), caption=r.get("caption", ""), keywords=r.get("keywords") or [],
+                metadata=r.get("metadata") or {}, embedder_model_id=r.get("embedder_model_id", ""),
+                captioner_model_id=r.get("captioner_model_id", ""), ingested_at_ms=r.get("ingested_at_ms"),
+                content_sha256=r.get("content_sha256", ""), caption_pending=bool(r.get("caption_pending")),
+            )
+            for i in ids if (r := rows.get(i)) is not None
+        ]
+        return records, [i for i in ids if i not in rows]
+
+    async def delete(self, ids: Sequence[str]) -> int:
+        return await self.store.delete(check_ids(ids))
+
+    async def stats(self) -> CollectionStats:
+        info = await self.store.require()
+        return CollectionStats(
+            collection=self.store.collection, item_count=await self.store.count(),
+            embedder_model_id=info.model_id, dimension=info.dimension,
+            captioner_model_id=await self.captioner.model_id() if self.captioner_health is not None else "",
+            index_type=await self.store.index_type(), metric_type=self.settings.metric_type,
+            milvus_mode=self.store.mode, caption_pending_count=await self.store.count_pending(),
+            keyword_index=info.has_keyword, indexed_fields=dict(info.indexed_fields),
+        )
