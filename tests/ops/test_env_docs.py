@@ -35,6 +35,7 @@ PLAIN_DEFAULTS = {
     "MMSEARCH_CACHE_DIR": "~/.cache/mmsearch",
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "OMP_NUM_THREADS": "half the cores",
     "COLUMNS": "120",
     "MMSEARCH_ADDRESS": "127.0.0.1:50050",
