@@ -33,13 +33,16 @@ from services.common.convert import (
 )
 from services.common.errors import InvalidInput
 from services.common.images import DecodedImage, decode_image
-from services.common.settings import ImageLimits
+from services.common.intake import ImageIntake
+from services.common.settings import ImageLimits, UriSettings
 from services.search import fields as F
-from services.search.engine import SearchEngine
+from services.search.binding import EmbedderBinding
 from services.search.catalog import check_ids
+from services.search.engine import SearchEngine
 from services.search.servicer import _ingest_item, _query
 from services.search.settings import SearchSettings
 from services.search.validation import check_filter, check_id, check_vector, parse_metadata
+from tests.search.fakes import FakeEmbedder, FakeStore
 
 # Mutated TIFFs make Pillow warn about corrupt tags: expected, and not errors.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -223,7 +226,8 @@ def test_get_delete_ids_are_bounded_and_valid(ids: list[str]) -> None:
 # --- search request decoding (servicer + engine validation) ---------------------------------------
 
 
-ENGINE = SearchEngine(SearchSettings(), store=None, embedder=None, intake=None, binding=None)  # type: ignore[arg-type]
+ENGINE = SearchEngine(SearchSettings(), FakeStore(), FakeEmbedder(), ImageIntake(ImageLimits(), UriSettings()),
+                      EmbedderBinding(FakeEmbedder(), FakeStore(), "fake"))
 
 
 @FAST
