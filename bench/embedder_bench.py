@@ -226,7 +226,7 @@ async def latency(service: Service, raw: Raw, n: int, text: str, block: int = 20
     """Short-text latency: blocks of `block` in-process calls, in-process engine calls (the
     service's batcher and model thread, no gRPC), served calls and no-op RPCs, repeated, so
     slow drifts of the machine's load hit all four alike."""
-    from services.common.convert import TextContent
+    from services.common.content import TextContent
     from services.embedder.engine import EmbeddingEngine
 
     engine = EmbeddingEngine(raw.settings, raw.backend)  # the loaded backend: load() is idempotent

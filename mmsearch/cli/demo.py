@@ -27,10 +27,10 @@ from rich.table import Table
 from mmsearch.cli import output
 from mmsearch.cli.discovery import read_csv
 from mmsearch.client import Fusion, FusionMethod, SearchClient, SearchResult, Target
-from mmsearch.suite import LocalSuite, SuiteConfig
 
 if TYPE_CHECKING:
     from mmsearch.cli.main import Connection
+    from mmsearch.suite import LocalSuite
 
 
 @dataclass(frozen=True)
@@ -218,6 +218,7 @@ def run_demo(
 ) -> int:
     """Returns the exit code: 1 when ingest failed, else 0 (a surprising ranking only warns)."""
     from mmsearch.cli.main import print_ingest_summary, run_ingest
+    from mmsearch.suite import LocalSuite, SuiteConfig  # the servers' side: `demo` needs them
 
     started = time.monotonic()
     out = out.expanduser().resolve()

@@ -11,7 +11,7 @@ import contextlib
 
 import grpc
 
-from mmsearch.client._channel import retry_service_config
+from mmsearch.grpc_retry import retry_service_config
 from services.common.security import channel_credentials, client_files_stamp, client_pair_consistent
 from services.common.settings import ClientTlsSettings, MiB
 

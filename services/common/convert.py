@@ -1,33 +1,12 @@
 """Protobuf <-> domain conversions for the shared message types (mmsearch.common.v1)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from mmsearch.common.v1 import types_pb2
+from services.common.content import ComposedContent, Content, ImageContent, TextContent
 from services.common.errors import InvalidInput
 from services.common.intake import ImageRef
-
-
-@dataclass(frozen=True)
-class TextContent:
-    text: str
-
-
-@dataclass(frozen=True)
-class ImageContent:
-    image: ImageRef
-
-
-@dataclass(frozen=True)
-class ComposedContent:
-    image: ImageRef
-    instruction: str
-    instruction_weight: float = 0.0  # 0 = backend default
-
-
-Content = TextContent | ImageContent | ComposedContent
 
 
 def image_ref_from_proto(msg: types_pb2.Image) -> ImageRef:

@@ -113,29 +113,70 @@ def decode_budget(limits: ImageLimits) -> PixelBudget:
         return _budgets.setdefault(pixels, PixelBudget(pixels))
 
 
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image's header declares, checked against the limits (no pixel decoded)."""
+
+    format: str
+    width: int
+    height: int
+    sha256: str  # of the encoded bytes: the content-hash id
+
+
+def _open_checked(data: bytes, limits: ImageLimits) -> Image.Image:
+    """Opens an image (header only) and checks bytes, format and declared pixels."""
+    if not data:
+        raise InvalidInput("image is empty (0 bytes)")
+    if len(data) > limits.max_bytes:
+        raise InvalidInput(f"image is {len(data)} bytes, more than the limit of {limits.max_bytes} bytes")
+    img = Image.open(io.BytesIO(data))
+    fmt = (img.format or "").upper()
+    if fmt not in limits.allowed_formats:
+        raise InvalidInput(f"image format {fmt or 'unknown'} is not allowed (allowed: {', '.join(limits.allowed_formats)})")
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise InvalidInput(f"image has invalid dimensions {width}x{height}")
+    if width * height > limits.max_pixels:
+        raise InvalidInput(
+            f"image is {width}x{height} = {width * height} pixels, more than the limit of "
+            f"{limits.max_pixels} pixels ({PIXEL_LIMIT_SETTING})"
+        )
+    return img
+
+
+@contextmanager
+def _refusals() -> Iterator[None]:
+    """Pillow's errors on bad files as InvalidInput with a reason callers can act on."""
+    try:
+        yield
+    except InvalidInput:
+        raise
+    except UnidentifiedImageError:
+        raise InvalidInput("data is not a recognised image format") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise InvalidInput(f"image is corrupt or truncated: {e}") from None
+
+
+def inspect_image(data: bytes, limits: ImageLimits) -> ImageHeader:
+    """Checks an image's header against the limits without decoding a pixel.
+
+    For a service that keeps no pixels (search): the services that decode the image (the
+    captioner, the embedder) refuse a corrupt body themselves, with the same message."""
+    with _refusals():
+        img = _open_checked(data, limits)
+        return ImageHeader((img.format or "").upper(), img.width, img.height, sha256_hex(data))
+
+
 def decode_image(data: bytes, limits: ImageLimits, need: PixelNeed | None = None) -> DecodedImage:
     """Decodes and validates an image; raises `InvalidInput` with a precise reason.
 
     With `need`, the returned image may be smaller than the file (see `PixelNeed`); every
     byte of the file is still decoded, so a corrupt or truncated image is refused alike.
     """
-    if not data:
-        raise InvalidInput("image is empty (0 bytes)")
-    if len(data) > limits.max_bytes:
-        raise InvalidInput(f"image is {len(data)} bytes, more than the limit of {limits.max_bytes} bytes")
-    try:
-        img = Image.open(io.BytesIO(data))
+    with _refusals():
+        img = _open_checked(data, limits)
         fmt = (img.format or "").upper()
-        if fmt not in limits.allowed_formats:
-            raise InvalidInput(f"image format {fmt or 'unknown'} is not allowed (allowed: {', '.join(limits.allowed_formats)})")
         width, height = img.size
-        if width <= 0 or height <= 0:
-            raise InvalidInput(f"image has invalid dimensions {width}x{height}")
-        if width * height > limits.max_pixels:
-            raise InvalidInput(
-                f"image is {width}x{height} = {width * height} pixels, more than the limit of "
-                f"{limits.max_pixels} pixels ({PIXEL_LIMIT_SETTING})"
-            )
         img.seek(0)  # animations: the first frame
         factor = need.factor(width, height) if need is not None and limits.reduce_on_decode else 1
         with decode_budget(limits).hold(width * height):
@@ -146,12 +187,6 @@ def decode_image(data: bytes, limits: ImageLimits, need: PixelNeed | None = None
             img = _shrink(img, factor, width)
             img = ImageOps.exif_transpose(img) or img
             rgb = img.convert("RGB")
-    except InvalidInput:
-        raise
-    except UnidentifiedImageError:
-        raise InvalidInput("data is not a recognised image format") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise InvalidInput(f"image is corrupt or truncated: {e}") from None
     return DecodedImage(rgb, fmt, rgb.width, rgb.height, sha256_hex(data), (width, height))
 
 

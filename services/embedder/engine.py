@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from services.common.convert import ComposedContent, Content, ImageContent, TextContent
+from services.common.content import ComposedContent, Content, ImageContent, TextContent
 from services.common.deadline import NO_DEADLINE, Deadline
 from services.common.errors import DeadlineExceeded, InvalidInput, ServiceError, Unavailable, at_index
 from services.common.images import decode_image

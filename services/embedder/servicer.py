@@ -9,7 +9,8 @@ from __future__ import annotations
 import grpc
 
 from mmsearch.embedder.v1 import embedder_pb2, embedder_pb2_grpc
-from services.common.convert import Content, content_from_proto, embedding_to_proto
+from services.common.content import Content
+from services.common.convert import content_from_proto, embedding_to_proto
 from services.common.deadline import deadline_of
 from services.common.errors import ServiceError, at_index
 from services.embedder.backends.base import Modality

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from services.common import principal
-from services.common.convert import TextContent
+from services.common.content import TextContent
 from services.common.errors import Aborted, FailedPrecondition, InvalidInput, ServiceError, Unavailable
 from services.common.intake import ImageIntake, ImageRef
 from services.common.log import get_logger
@@ -67,6 +67,8 @@ class Backfiller:
     async def run(self, max_items: int = 0, max_items_per_s: float = 0.0) -> AsyncIterator[
             tuple[list[BackfillOutcome], BackfillProgress]]:
         """Yields (outcomes of one chunk, running totals); first ([], totals) with the snapshot size."""
+        if max_items_per_s < 0:
+            raise InvalidInput(f"max_items_per_s must be >= 0, got {max_items_per_s}")
         running = self._running.setdefault(principal.current().tenant, asyncio.Lock())
         if running.locked():
             raise Aborted("a backfill is already running on this server; run one at a time")

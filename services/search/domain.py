@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from services.common.convert import Content
+from services.common.content import Content
 from services.common.errors import InvalidInput, ServiceError
 from services.common.intake import ImageRef
 

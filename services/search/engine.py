@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from services.common.admission import AdmissionLimiter
-from services.common.convert import ComposedContent, Content, ImageContent, TextContent
+from services.common.content import ComposedContent, Content, ImageContent, TextContent
 from services.common.deadline import NO_DEADLINE, Deadline
 from services.common.errors import FailedPrecondition, InvalidInput
 from services.common.intake import ImageIntake, ImageRef
@@ -153,6 +153,8 @@ class SearchEngine:
     def _validate_decay(q: SearchQuery) -> None:
         d = q.decay
         assert d is not None
+        if not d.field:
+            raise InvalidInput("decay.field is empty: use 'ingested_at' or an indexed numeric field")
         if d.function not in DECAY_FUNCTIONS:
             raise InvalidInput(f"unknown decay function {d.function!r}; use one of {DECAY_FUNCTIONS}")
         if not _finite(d.scale, "decay.scale") > 0:

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from services.common.convert import Content, ImageContent, TextContent
+from services.common.content import Content, ImageContent, TextContent
 from services.common.deadline import NO_DEADLINE, Deadline
 from services.common.errors import (
     AlreadyExists,
@@ -30,6 +30,7 @@ from services.common.errors import (
     ServiceError,
     Unavailable,
 )
+from services.common.images import PixelNeed, decode_image, inspect_image
 from services.common.intake import ImageIntake, ImageRef
 from services.common.log import get_logger
 from services.search import fields as F
@@ -308,7 +309,7 @@ class _Run:
         if item.caption is not None and not item.caption.description.strip():
             raise InvalidInput("caption.description is empty")
         data = await self.p.intake.read(item.image)
-        decoded = await asyncio.to_thread(_decode, data, self.p.intake)
+        decoded = await asyncio.to_thread(_inspect, data, self.p.intake, s.decode_on_ingest)
         item_id = check_id(item.id) if item.id else decoded
         uri = item.image.uri or item.source_uri
         if len(uri) > F.MAX_URI_CHARS:
@@ -461,11 +462,12 @@ class _Run:
                     self.finish(w, ItemStatus.STORED)
 
 
-def _decode(data: bytes, intake: ImageIntake) -> str:
-    """Validates the image fully (so upstreams never see a bad one); returns its SHA-256.
+def _inspect(data: bytes, intake: ImageIntake, decode: bool) -> str:
+    """Checks the image's header (size, format, declared pixels); returns its SHA-256.
 
-    Search keeps no pixels, so the decode shrinks as far as it can (JPEG at 1/8 scale);
-    every byte is still decoded, so corrupt files are refused here as upstream."""
-    from services.common.images import PixelNeed, decode_image
-
-    return decode_image(data, intake.limits, PixelNeed()).sha256
+    Search keeps no pixels, so it decodes none: the captioner and the embedder decode the
+    image and refuse a corrupt body (the item fails with their message). `decode`
+    (SEARCH_DECODE_ON_INGEST) decodes it here too, at the smallest scale."""
+    if decode:
+        return decode_image(data, intake.limits, PixelNeed()).sha256
+    return inspect_image(data, intake.limits).sha256

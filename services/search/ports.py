@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from services.common.convert import Content
+from services.common.content import Content
 from services.common.deadline import Deadline
 from services.search.domain import CaptionResult, EmbedderInfo
 

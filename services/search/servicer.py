@@ -106,8 +106,6 @@ def _example(index: int, e: search_pb2.Example) -> Example:
 def _decay(d: search_pb2.Decay) -> Decay:
     if d.function not in _DECAY_FUNCTIONS:
         raise InvalidInput(f"unknown decay function {d.function}")
-    if not d.field:
-        raise InvalidInput("decay.field is empty: use 'ingested_at' or an indexed numeric field")
     return Decay(d.field, d.scale, _DECAY_FUNCTIONS[d.function], d.origin, d.offset, d.decay or 0.5)
 
 
@@ -139,8 +137,6 @@ class SearchServicer(search_pb2_grpc.SearchServicer):
     async def Backfill(
         self, request: search_pb2.BackfillRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[search_pb2.BackfillResponse]:
-        if request.max_items_per_s < 0:
-            raise InvalidInput(f"max_items_per_s must be >= 0, got {request.max_items_per_s}")
         async for outcomes, p in self.backfiller.run(request.max_items, request.max_items_per_s):
             yield search_pb2.BackfillResponse(
                 outcomes=[search_pb2.BackfillOutcome(id=o.id, status=_BACKFILL_STATUS[o.status], error=_error(o.error))

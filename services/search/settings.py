@@ -69,6 +69,10 @@ class SearchSettings(ServerSettings):
 
     # --- ingest pipeline --------------------------------------------------------------
     decode_workers: int = 4
+    # Search keeps no pixels: it checks each image's header (size, format, declared pixels)
+    # and leaves decoding to the captioner and the embedder, which refuse a corrupt body.
+    # True: also decode every image here (the pre-0.2 path; bench/search_ingest.py --compare).
+    decode_on_ingest: bool = False
     caption_concurrency: int = 8
     embed_batch_items: int = 16  # images per Embed call (each adds its caption: 2 items)
     upsert_batch_items: int = 64

@@ -17,7 +17,8 @@ from mmsearch.captioner.v1 import captioner_pb2, captioner_pb2_grpc
 from mmsearch.common.v1 import types_pb2
 from mmsearch.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from services.common.channels import ReloadingChannel
-from services.common.convert import Content, content_to_proto
+from services.common.content import Content
+from services.common.convert import content_to_proto
 from services.common.deadline import NO_DEADLINE, Deadline
 from services.common.errors import DeadlineExceeded, InvalidInput, Overloaded, ServiceError, Unavailable
 from services.search.domain import CaptionResult, EmbedderInfo

@@ -50,14 +50,6 @@ SERVER_ONLY = ("services", "mmsearch.suite", "torch", "pymilvus", "milvus_lite")
 
 # (rule, file, imported module) -> why it is still there. Remove the entry with the import.
 KNOWN_BREAKS: dict[tuple[str, str, str], str] = {
-    ("domain-transitive", "services/common/convert.py", "mmsearch.common.v1.types_pb2"):
-        "the domain content types (Content, TextContent, ImageContent, ComposedContent) live next to their "
-        "protobuf conversions; moving the types to a grpc-free module lets this entry go",
-    ("client-import-time", "mmsearch/cli/demo.py", "mmsearch.suite"):
-        "`mmsearch demo` itself: main.py imports this module only inside the demo command, after "
-        "_require_servers(); moving the import into run_demo() would let this entry go",
-    ("services-no-client", "services/common/channels.py", "mmsearch.client._channel"):
-        "retry_service_config: search's upstream channels use the client's gRPC retry policy",
 }
 
 

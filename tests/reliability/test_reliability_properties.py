@@ -23,14 +23,8 @@ from mmsearch.captioner.v1 import captioner_pb2
 from mmsearch.common.v1 import types_pb2
 from mmsearch.search.v1 import search_pb2
 from services.captioner.servicer import request_from_proto
-from services.common.convert import (
-    ComposedContent,
-    ImageContent,
-    TextContent,
-    content_from_proto,
-    content_to_proto,
-    embedding_from_proto,
-)
+from services.common.content import ComposedContent, ImageContent, TextContent
+from services.common.convert import content_from_proto, content_to_proto, embedding_from_proto
 from services.common.errors import InvalidInput
 from services.common.images import DecodedImage, decode_image
 from services.common.intake import ImageIntake

@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from services.common.convert import TextContent
+from services.common.content import TextContent
 from services.common.deadline import NO_DEADLINE, Deadline
 from services.common.errors import ErrorKind, ServiceError
 from services.common.intake import ImageRef

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from services.common.convert import ImageContent
+from services.common.content import ImageContent
 from services.common.deadline import NO_DEADLINE, Deadline
 from services.common.errors import ErrorKind, InvalidInput, Unavailable
 from services.common.images import sha256_hex
