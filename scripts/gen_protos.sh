@@ -16,6 +16,6 @@ mkdir -p "$out/mmsearch"
   --descriptor_set_out="$out/mmsearch/descriptors.binpb" --include_source_info --include_imports \
   "${protos[@]}")
 # Package markers so `import mmsearch.search.v1.search_pb2` works from an install.
-for d in $(cd "$out" && find mmsearch -type d \( -path 'mmsearch/common*' -o -path 'mmsearch/embedder*' -o -path 'mmsearch/captioner*' -o -path 'mmsearch/search*' \)); do
+for d in $(cd "$out" && find mmsearch -type d \( -path 'mmsearch/common*' -o -path 'mmsearch/embedder*' -o -path 'mmsearch/captioner*' -o -path 'mmsearch/search*' -o -path 'mmsearch/admin*' \)); do
   [ -f "$out/$d/__init__.py" ] || : > "$out/$d/__init__.py"
 done

@@ -584,6 +584,7 @@ class SearchRequest(_message.Message):
     MIN_SCORE_FIELD_NUMBER: _builtins.int
     GROUP_BY_FIELD_NUMBER: _builtins.int
     DECAY_FIELD_NUMBER: _builtins.int
+    QUERY_VECTOR_MODEL_ID_FIELD_NUMBER: _builtins.int
     target: Global___Target.ValueType
     """Which vectors to search."""
     top_k: _builtins.int
@@ -611,6 +612,13 @@ class SearchRequest(_message.Message):
     """Drop hits scoring below this. Scores are "higher is better": cosine similarity in
     [-1, 1] for COSINE, the inner product for IP, -distance for L2, the BM25 score
     (>= 0) for KEYWORD, the fused score for HYBRID. Must be finite.
+    """
+    query_vector_model_id: _builtins.str
+    """The embedding model that made `query_vector` (an embedder's model id). When set, a
+    vector from another model than the one that built the live collection is
+    FAILED_PRECONDITION naming both. When empty, only the dimension is checked: during a
+    model change to a model of the same dimension, a vector from the old model would be
+    compared with the new model's vectors. Callers that keep vectors should set it.
     """
     @_builtins.property
     def query(self) -> _types_pb2.Content:
@@ -673,10 +681,11 @@ class SearchRequest(_message.Message):
         min_score: _builtins.float | None = ...,
         group_by: Global___GroupBy | None = ...,
         decay: Global___Decay | None = ...,
+        query_vector_model_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_min_score", b"_min_score", "decay", b"decay", "fusion", b"fusion", "group_by", b"group_by", "min_score", b"min_score", "query", b"query", "query_vector", b"query_vector"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_score", b"_min_score", "decay", b"decay", "examples", b"examples", "filter", b"filter", "fusion", b"fusion", "group_by", b"group_by", "legs", b"legs", "like_id", b"like_id", "min_score", b"min_score", "offset", b"offset", "output_fields", b"output_fields", "query", b"query", "query_vector", b"query_vector", "target", b"target", "top_k", b"top_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_score", b"_min_score", "decay", b"decay", "examples", b"examples", "filter", b"filter", "fusion", b"fusion", "group_by", b"group_by", "legs", b"legs", "like_id", b"like_id", "min_score", b"min_score", "offset", b"offset", "output_fields", b"output_fields", "query", b"query", "query_vector", b"query_vector", "query_vector_model_id", b"query_vector_model_id", "target", b"target", "top_k", b"top_k"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__min_score: _TypeAlias = _typing.Literal["min_score"]  # noqa: Y015
     _WhichOneofArgType__min_score: _TypeAlias = _typing.Literal["_min_score", b"_min_score"]  # noqa: Y015

@@ -41,7 +41,8 @@ class SearchStub:
     or deferred. grpc.health.v1 says which: "" / "search" (Milvus), "search.text",
     "ingest", "ingest.caption", "full" (docs/operations.md).
     - FAILED_PRECONDITION: the embedder serves another model than the one that built the
-    collection (the message says how to migrate).
+    collection, or `query_vector_model_id` names another model (the message names both;
+    a model change is done with the Admin service, mmsearch.admin.v1).
     - DEADLINE_EXCEEDED: the caller's deadline passed.
     Per-item ingest problems are not call errors: they are reported as FAILED outcomes.
     """
@@ -105,7 +106,8 @@ class SearchServicer:
     or deferred. grpc.health.v1 says which: "" / "search" (Milvus), "search.text",
     "ingest", "ingest.caption", "full" (docs/operations.md).
     - FAILED_PRECONDITION: the embedder serves another model than the one that built the
-    collection (the message says how to migrate).
+    collection, or `query_vector_model_id` names another model (the message names both;
+    a model change is done with the Admin service, mmsearch.admin.v1).
     - DEADLINE_EXCEEDED: the caller's deadline passed.
     Per-item ingest problems are not call errors: they are reported as FAILED outcomes.
     """
@@ -236,7 +238,8 @@ class Search:
     or deferred. grpc.health.v1 says which: "" / "search" (Milvus), "search.text",
     "ingest", "ingest.caption", "full" (docs/operations.md).
     - FAILED_PRECONDITION: the embedder serves another model than the one that built the
-    collection (the message says how to migrate).
+    collection, or `query_vector_model_id` names another model (the message names both;
+    a model change is done with the Admin service, mmsearch.admin.v1).
     - DEADLINE_EXCEEDED: the caller's deadline passed.
     Per-item ingest problems are not call errors: they are reported as FAILED outcomes.
     """

@@ -44,7 +44,8 @@ class SearchStub:
       or deferred. grpc.health.v1 says which: "" / "search" (Milvus), "search.text",
       "ingest", "ingest.caption", "full" (docs/operations.md).
     - FAILED_PRECONDITION: the embedder serves another model than the one that built the
-      collection (the message says how to migrate).
+      collection, or `query_vector_model_id` names another model (the message names both;
+      a model change is done with the Admin service, mmsearch.admin.v1).
     - DEADLINE_EXCEEDED: the caller's deadline passed.
     Per-item ingest problems are not call errors: they are reported as FAILED outcomes.
     """
@@ -103,7 +104,8 @@ class SearchAsyncStub(SearchStub):
       or deferred. grpc.health.v1 says which: "" / "search" (Milvus), "search.text",
       "ingest", "ingest.caption", "full" (docs/operations.md).
     - FAILED_PRECONDITION: the embedder serves another model than the one that built the
-      collection (the message says how to migrate).
+      collection, or `query_vector_model_id` names another model (the message names both;
+      a model change is done with the Admin service, mmsearch.admin.v1).
     - DEADLINE_EXCEEDED: the caller's deadline passed.
     Per-item ingest problems are not call errors: they are reported as FAILED outcomes.
     """
@@ -158,7 +160,8 @@ class SearchServicer(metaclass=_abc_1.ABCMeta):
       or deferred. grpc.health.v1 says which: "" / "search" (Milvus), "search.text",
       "ingest", "ingest.caption", "full" (docs/operations.md).
     - FAILED_PRECONDITION: the embedder serves another model than the one that built the
-      collection (the message says how to migrate).
+      collection, or `query_vector_model_id` names another model (the message names both;
+      a model change is done with the Admin service, mmsearch.admin.v1).
     - DEADLINE_EXCEEDED: the caller's deadline passed.
     Per-item ingest problems are not call errors: they are reported as FAILED outcomes.
     """
