@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from services.common.settings import ClientTlsSettings, ServerSettings
@@ -24,6 +24,38 @@ def parse_indexed_fields(text: str) -> dict[str, str]:
     a name without a type maps to "" (refused by the settings validator)."""
     pairs = [p.strip() for p in text.split(",") if p.strip()]
     return dict(tuple(p.split(":", 1)) if ":" in p else (p, "") for p in pairs)
+
+
+def parse_model_embedders(text: str) -> dict[str, str]:
+    """ "model-id=host:port,..." -> {model id: embedder target}."""
+    out: dict[str, str] = {}
+    for pair in (p.strip() for p in text.split(",") if p.strip()):
+        model, sep, target = pair.partition("=")
+        if not sep or not model.strip() or not target.strip():
+            raise ValueError(f"SEARCH_MODEL_EMBEDDERS entry {pair!r} is not 'model-id=host:port'")
+        out[model.strip()] = target.strip()
+    return out
+
+
+class OriginalsSettings(BaseModel):
+    """Where search keeps the original bytes of ingested images (services/search/originals.py):
+    a model change re-embeds items ingested as inline bytes from here. Content-addressed
+    (one object per SHA-256). Unset: no originals are kept (items given by URI are re-read
+    from their URI)."""
+
+    # A local folder (a laptop, one search process; in Kubernetes a ReadWriteMany volume).
+    dir: Path | None = None
+    # S3-compatible object storage (AWS S3, MinIO: the Milvus chart runs one).
+    s3_endpoint: str = ""  # e.g. http://mmsearch-milvus-minio:9000; empty: AWS
+    s3_bucket: str = ""
+    s3_prefix: str = "mmsearch-originals/"
+    s3_region: str = "us-east-1"
+    s3_access_key: SecretStr | None = None
+    s3_secret_key: SecretStr | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.dir is not None or bool(self.s3_bucket)
 
 
 class SearchSettings(ServerSettings):
@@ -56,6 +88,10 @@ class SearchSettings(ServerSettings):
 
     # --- upstream services ------------------------------------------------------------
     embedder_target: str = "127.0.0.1:50051"
+    # More embedders, by the model they serve, as "model-id=host:port,...": during a model
+    # change the candidate collection's model (docs/operations.md, "Change the embedding
+    # model"). The embedder at `embedder_target` serves whatever model it reports.
+    model_embedders: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     captioner_target: str = "127.0.0.1:50052"
     upstream_tls: ClientTlsSettings = Field(default_factory=ClientTlsSettings)
     # Per-call timeout toward the embedder / captioner (also capped by the caller's deadline).
@@ -121,6 +157,13 @@ class SearchSettings(ServerSettings):
     # (`label in ["cat", "dog"]`), grouping and decay. Read when a collection is created;
     # an existing collection keeps the fields it was created with.
     indexed_fields: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+
+    originals: OriginalsSettings = Field(default_factory=OriginalsSettings)
+
+    @field_validator("model_embedders", mode="before")
+    @classmethod
+    def _parse_model_embedders(cls, value: Any) -> Any:
+        return parse_model_embedders(value) if isinstance(value, str) else value
 
     @field_validator("indexed_fields", mode="before")
     @classmethod
