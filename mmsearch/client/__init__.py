@@ -1,4 +1,4 @@
-"""Python client library for the mmsearch Search service.
+"""Python client library for the mmsearch Search service (and its Admin service: `AdminClient`).
 
     from mmsearch.client import SearchClient
 
@@ -12,6 +12,7 @@ grpcio-health-checking; never on the services. See docs/client.md.
 """
 from mmsearch.client._base import DEFAULT_ADDRESS, SEARCH_SERVICE
 from mmsearch.client._channel import ConnectionConfig, retry_service_config
+from mmsearch.client.admin import ADMIN_SERVICE, AdminClient, AsyncAdminClient
 from mmsearch.client.aio import AsyncSearchClient
 from mmsearch.client.sync import SearchClient, check_health
 from mmsearch.client.types import (
@@ -19,6 +20,7 @@ from mmsearch.client.types import (
     BackfillProgress,
     BackfillStatus,
     BackfillUpdate,
+    CollectionInfo,
     Decay,
     DecayFunction,
     Example,
@@ -29,6 +31,12 @@ from mmsearch.client.types import (
     GetResult,
     Hit,
     ImageInput,
+    IndexBackfillOutcome,
+    IndexBackfillProgress,
+    IndexBackfillStatus,
+    IndexBackfillSummary,
+    IndexBackfillUpdate,
+    IndexCollections,
     IngestItem,
     IngestOutcome,
     IngestProgress,
@@ -36,6 +44,7 @@ from mmsearch.client.types import (
     IngestUpdate,
     ItemStatus,
     Record,
+    Role,
     SearchAllProgress,
     SearchError,
     SearchFeatures,
@@ -43,17 +52,22 @@ from mmsearch.client.types import (
     SearchTimings,
     Stats,
     StreamQuery,
+    SwitchResult,
     Target,
 )
 
 __all__ = [
+    "ADMIN_SERVICE",
     "DEFAULT_ADDRESS",
     "SEARCH_SERVICE",
+    "AdminClient",
+    "AsyncAdminClient",
     "AsyncSearchClient",
     "BackfillOutcome",
     "BackfillProgress",
     "BackfillStatus",
     "BackfillUpdate",
+    "CollectionInfo",
     "ConnectionConfig",
     "Decay",
     "DecayFunction",
@@ -65,6 +79,12 @@ __all__ = [
     "GetResult",
     "Hit",
     "ImageInput",
+    "IndexBackfillOutcome",
+    "IndexBackfillProgress",
+    "IndexBackfillStatus",
+    "IndexBackfillSummary",
+    "IndexBackfillUpdate",
+    "IndexCollections",
     "IngestItem",
     "IngestOutcome",
     "IngestProgress",
@@ -72,6 +92,7 @@ __all__ = [
     "IngestUpdate",
     "ItemStatus",
     "Record",
+    "Role",
     "SearchAllProgress",
     "SearchClient",
     "SearchError",
@@ -80,6 +101,7 @@ __all__ = [
     "SearchTimings",
     "Stats",
     "StreamQuery",
+    "SwitchResult",
     "Target",
     "check_health",
     "retry_service_config",

@@ -26,7 +26,7 @@ DEFAULT: Any = _Default()
 
 class ClientBase:
     """Holds one long-lived channel to the Search service and its stubs; subclasses
-    say which kind of channel (`_open`) and define the calls."""
+    say which kind of channel (`_open`), which service (`_make_stub`) and define the calls."""
 
     def __init__(
         self,
@@ -57,11 +57,15 @@ class ClientBase:
         )
         self.timeout = timeout
         self._channel = self._open(self.config)
-        self._stub = search_pb2_grpc.SearchStub(self._channel)
+        self._stub = self._make_stub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def _open(self, config: ConnectionConfig) -> Any:
         raise NotImplementedError
+
+    def _make_stub(self, channel: Any) -> Any:
+        """The service's stub on `channel` (Search here; the admin clients take Admin's)."""
+        return search_pb2_grpc.SearchStub(channel)
 
     @classmethod
     def from_config(cls, config: ConnectionConfig, timeout: float | None = 30.0) -> Self:

@@ -15,11 +15,13 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2
 
+from mmsearch.admin.v1 import admin_pb2
 from mmsearch.client.types import (
     BackfillOutcome,
     BackfillProgress,
     BackfillStatus,
     BackfillUpdate,
+    CollectionInfo,
     Decay,
     DecayFunction,
     Example,
@@ -30,6 +32,11 @@ from mmsearch.client.types import (
     GetResult,
     Hit,
     ImageInput,
+    IndexBackfillOutcome,
+    IndexBackfillProgress,
+    IndexBackfillStatus,
+    IndexBackfillUpdate,
+    IndexCollections,
     IngestItem,
     IngestOutcome,
     IngestProgress,
@@ -38,11 +45,13 @@ from mmsearch.client.types import (
     LegsInput,
     ProgressCallback,
     Record,
+    Role,
     SearchAllProgress,
     SearchError,
     SearchResult,
     SearchTimings,
     Stats,
+    SwitchResult,
     Target,
 )
 from mmsearch.common.v1 import types_pb2
@@ -74,6 +83,17 @@ _BACKFILL_STATUSES = {
     search_pb2.BACKFILL_STATUS_SKIPPED: BackfillStatus.SKIPPED,
 }
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
+_ROLES = {
+    admin_pb2.ROLE_LIVE: Role.LIVE,
+    admin_pb2.ROLE_CANDIDATE: Role.CANDIDATE,
+    admin_pb2.ROLE_PREVIOUS: Role.PREVIOUS,
+    admin_pb2.ROLE_RETIRED: Role.RETIRED,
+}
+_INDEX_BACKFILL_STATUSES = {
+    admin_pb2.BACKFILL_STATUS_COPIED: IndexBackfillStatus.COPIED,
+    admin_pb2.BACKFILL_STATUS_SKIPPED: IndexBackfillStatus.SKIPPED,
+    admin_pb2.BACKFILL_STATUS_FAILED: IndexBackfillStatus.FAILED,
+}
 
 _URI_SCHEMES = ("file://", "http://", "https://")
 
@@ -452,6 +472,41 @@ def stats_from_proto(msg: search_pb2.StatsResponse) -> Stats:
         keyword_index=msg.keyword_index,
         indexed_fields=tuple(msg.indexed_fields),
     )
+
+
+# ---------------------------------------------------------------------------- admin
+
+
+def collection_info_from_proto(msg: admin_pb2.CollectionInfo) -> CollectionInfo:
+    return CollectionInfo(
+        name=msg.name,
+        version=msg.version,
+        embedder_model_id=msg.embedder_model_id,
+        dimension=msg.dimension,
+        item_count=msg.item_count,
+        role=_ROLES.get(msg.role, Role.UNSPECIFIED),
+        embedder_target=msg.embedder_target,
+    )
+
+
+def index_collections_from_proto(msg: admin_pb2.ListCollectionsResponse) -> IndexCollections:
+    return IndexCollections(index=msg.index, collections=[collection_info_from_proto(c) for c in msg.collections])
+
+
+def index_backfill_update_from_proto(msg: admin_pb2.BackfillResponse) -> IndexBackfillUpdate:
+    outcomes = tuple(
+        IndexBackfillOutcome(o.id, _INDEX_BACKFILL_STATUSES.get(o.status, IndexBackfillStatus.FAILED),
+                             _CODES.get(o.error.code, grpc.StatusCode.UNKNOWN) if o.HasField("error") else None,
+                             o.error.message)
+        for o in msg.outcomes
+    )
+    p = msg.progress
+    return IndexBackfillUpdate(outcomes, IndexBackfillProgress(p.total, p.copied, p.skipped, p.failed))
+
+
+def switch_result_from_proto(msg: admin_pb2.SwitchResponse) -> SwitchResult:
+    return SwitchResult(collection_info_from_proto(msg.live), collection_info_from_proto(msg.previous),
+                        int(msg.caught_up))
 
 
 # ---------------------------------------------------------------------------- ingest

@@ -35,15 +35,8 @@ from mmsearch.search.v1 import search_pb2
 T = TypeVar("T")
 
 
-class AsyncSearchClient(ClientBase):
-    """A grpc.aio client for the Search service, for asyncio backends.
-
-    Same options and semantics as `SearchClient` (deadlines, retries on UNAVAILABLE,
-    TLS, bearer token). Create it inside the event loop that uses it::
-
-        async with AsyncSearchClient("search:50050", tls=True, root_cert="ca.pem", token=tok) as client:
-            result = await client.search(text="a cup of coffee", target="hybrid")
-    """
+class AsyncClientBase(ClientBase):
+    """A grpc.aio channel and the plumbing every asyncio client shares (see `SyncClientBase`)."""
 
     def _open(self, config: ConnectionConfig) -> grpc.aio.Channel:
         return config.aio_channel()
@@ -57,6 +50,38 @@ class AsyncSearchClient(ClientBase):
             )
         except grpc.RpcError as e:
             raise _convert.rpc_error(e, method) from e
+
+    async def _stream(self, method: str, fn: Callable[..., Any], request: Any, timeout: float | None
+                      ) -> AsyncIterator[Any]:
+        """A server-streaming call's messages; errors become `SearchError`; leaving early cancels it."""
+        call = fn(request, timeout=timeout, metadata=self.config.call_metadata())
+        try:
+            async for response in call:
+                yield response
+        except grpc.RpcError as e:
+            raise _convert.rpc_error(e, method) from e
+        finally:
+            call.cancel()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class AsyncSearchClient(AsyncClientBase):
+    """A grpc.aio client for the Search service, for asyncio backends.
+
+    Same options and semantics as `SearchClient` (deadlines, retries on UNAVAILABLE,
+    TLS, bearer token). Create it inside the event loop that uses it::
+
+        async with AsyncSearchClient("search:50050", tls=True, root_cert="ca.pem", token=tok) as client:
+            result = await client.search(text="a cup of coffee", target="hybrid")
+    """
 
     async def search(
         self,
@@ -104,18 +129,6 @@ class AsyncSearchClient(ClientBase):
         async for response in self._stream("SearchAll", self._stub.SearchAll, request, timeout):
             for hit in _convert.search_all_hits(response, on_progress):
                 yield hit
-
-    async def _stream(self, method: str, fn: Callable[..., Any], request: Any, timeout: float | None
-                      ) -> AsyncIterator[Any]:
-        """A server-streaming call's messages; errors become `SearchError`; leaving early cancels it."""
-        call = fn(request, timeout=timeout, metadata=self.config.call_metadata())
-        try:
-            async for response in call:
-                yield response
-        except grpc.RpcError as e:
-            raise _convert.rpc_error(e, method) from e
-        finally:
-            call.cancel()
 
     async def search_text(self, text: str, **kwargs: Any) -> SearchResult:
         return await self.search(text, **kwargs)
@@ -224,12 +237,3 @@ class AsyncSearchClient(ClientBase):
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"{self.address} not SERVING after {timeout:.0f}s (last: {last})")
             await asyncio.sleep(0.2)
-
-    async def close(self) -> None:
-        await self._channel.close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()

@@ -33,7 +33,41 @@ from mmsearch.search.v1 import search_pb2
 
 T = TypeVar("T")
 
-class SearchClient(ClientBase):
+
+class SyncClientBase(ClientBase):
+    """A blocking channel and the plumbing every blocking client shares: unary calls with
+    the client's deadline, server streams, errors as `SearchError`, close / `with`."""
+
+    def _open(self, config: ConnectionConfig) -> grpc.Channel:
+        return config.sync_channel()
+
+    def _call(self, method: str, fn: Callable[..., T], request: Any, timeout: float | None | object) -> T:
+        try:
+            return fn(request, timeout=self._timeout(timeout), metadata=self.config.call_metadata())
+        except grpc.RpcError as e:
+            raise _convert.rpc_error(e, method) from e
+
+    def _stream(self, method: str, fn: Callable[..., Any], request: Any, timeout: float | None) -> Iterator[Any]:
+        """A server-streaming call's messages; errors become `SearchError`; leaving early cancels it."""
+        call = fn(request, timeout=timeout, metadata=self.config.call_metadata())
+        try:
+            yield from call
+        except grpc.RpcError as e:
+            raise _convert.rpc_error(e, method) from e
+        finally:
+            call.cancel()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SearchClient(SyncClientBase):
     """A blocking client for the mmsearch Search service.
 
     One client holds one long-lived channel: create it once and share it (it is thread
@@ -49,17 +83,6 @@ class SearchClient(ClientBase):
             for hit in client.search(text="a cat", top_k=5):
                 print(hit.rank, hit.score, hit.id, hit.caption)
     """
-
-    def _open(self, config: ConnectionConfig) -> grpc.Channel:
-        return config.sync_channel()
-
-    # -- plumbing
-
-    def _call(self, method: str, fn: Callable[..., T], request: Any, timeout: float | None | object) -> T:
-        try:
-            return fn(request, timeout=self._timeout(timeout), metadata=self.config.call_metadata())
-        except grpc.RpcError as e:
-            raise _convert.rpc_error(e, method) from e
 
     # -- search
 
@@ -141,16 +164,6 @@ class SearchClient(ClientBase):
         request = _convert.build_search_all_request(text, limit=limit, batch_size=batch_size, **query)
         for response in self._stream("SearchAll", self._stub.SearchAll, request, timeout):
             yield from _convert.search_all_hits(response, on_progress)
-
-    def _stream(self, method: str, fn: Callable[..., Any], request: Any, timeout: float | None) -> Iterator[Any]:
-        """A server-streaming call's messages; errors become `SearchError`; leaving early cancels it."""
-        call = fn(request, timeout=timeout, metadata=self.config.call_metadata())
-        try:
-            yield from call
-        except grpc.RpcError as e:
-            raise _convert.rpc_error(e, method) from e
-        finally:
-            call.cancel()
 
     # -- ingest
 
@@ -248,17 +261,6 @@ class SearchClient(ClientBase):
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"{self.address} not SERVING after {timeout:.0f}s (last: {last})")
             time.sleep(0.2)
-
-    # -- lifecycle
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def check_health_on(

@@ -375,3 +375,132 @@ class SearchError(Exception):
         self.method = method
         where = f"{method}: " if method else ""
         super().__init__(f"{where}{code.name}: {details}")
+
+
+# ---------------------------------------------------------------------------- admin (model change)
+
+
+class Role(str, Enum):
+    """A physical collection's part in the logical index (mmsearch.admin.v1.Role)."""
+
+    UNSPECIFIED = "unspecified"
+    LIVE = "live"  # the alias points here: Search reads it
+    CANDIDATE = "candidate"  # being built for a new model; Ingest writes it too
+    PREVIOUS = "previous"  # live before the last promote; Ingest writes it too (rollback)
+    RETIRED = "retired"  # neither: a version Ingest no longer writes (drop it)
+
+
+@dataclass(frozen=True)
+class CollectionInfo:
+    """One physical collection of the index ("<index>__v<N>")."""
+
+    name: str
+    version: int
+    embedder_model_id: str
+    dimension: int
+    item_count: int
+    role: Role
+    # The embedder target this server has for the model ("" when none: the collection
+    # cannot be written or promoted from this server).
+    embedder_target: str = ""
+
+
+@dataclass(frozen=True)
+class IndexCollections:
+    """`AdminClient.list_collections()`: the logical index (the alias) and its collections."""
+
+    index: str
+    collections: list[CollectionInfo]
+
+    def _with(self, role: Role) -> CollectionInfo | None:
+        return next((c for c in self.collections if c.role is role), None)
+
+    @property
+    def live(self) -> CollectionInfo | None:
+        return self._with(Role.LIVE)
+
+    @property
+    def candidate(self) -> CollectionInfo | None:
+        return self._with(Role.CANDIDATE)
+
+    @property
+    def previous(self) -> CollectionInfo | None:
+        return self._with(Role.PREVIOUS)
+
+    def __iter__(self) -> Iterator[CollectionInfo]:
+        return iter(self.collections)
+
+    def __len__(self) -> int:
+        return len(self.collections)
+
+
+class IndexBackfillStatus(str, Enum):
+    """What the index backfill (Admin.Backfill) did with one live item."""
+
+    COPIED = "copied"  # written to the candidate with the candidate model's vectors
+    SKIPPED = "skipped"  # already in the candidate with the same content
+    FAILED = "failed"  # see `code` / `message` (e.g. the image cannot be re-read)
+
+
+@dataclass(frozen=True)
+class IndexBackfillOutcome:
+    id: str
+    status: IndexBackfillStatus
+    code: grpc.StatusCode | None = None
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class IndexBackfillProgress:
+    """Running totals of an index backfill; `total`: live items when the call started."""
+
+    total: int = 0
+    copied: int = 0
+    skipped: int = 0
+    failed: int = 0
+
+    @property
+    def done(self) -> int:
+        return self.copied + self.skipped + self.failed
+
+
+@dataclass(frozen=True)
+class IndexBackfillUpdate:
+    """One message of `AdminClient.backfill`: new outcomes and the totals after them.
+    Unpacks as a pair: `for outcomes, progress in admin.backfill(): ...`."""
+
+    outcomes: tuple[IndexBackfillOutcome, ...]
+    progress: IndexBackfillProgress
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.outcomes, self.progress))
+
+
+@dataclass
+class IndexBackfillSummary:
+    """`AdminClient.backfill_all()`: every outcome in arrival order and the final totals."""
+
+    outcomes: list[IndexBackfillOutcome] = field(default_factory=list)
+    progress: IndexBackfillProgress = field(default_factory=IndexBackfillProgress)
+
+    @property
+    def failures(self) -> list[IndexBackfillOutcome]:
+        return [o for o in self.outcomes if o.status is IndexBackfillStatus.FAILED]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures and not self.progress.failed
+
+    def add(self, update: IndexBackfillUpdate) -> None:
+        self.outcomes.extend(update.outcomes)
+        self.progress = update.progress
+
+
+@dataclass(frozen=True)
+class SwitchResult:
+    """`promote` / `rollback`: the collection the alias now points to, the one it pointed
+    to before, and how many items the catch-up pass copied."""
+
+    live: CollectionInfo
+    previous: CollectionInfo
+    caught_up: int = 0
