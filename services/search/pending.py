@@ -7,17 +7,21 @@ backfill reads and removes them. Items given by URI are read again from the URI 
 file-root / remote rules as Ingest), so they need no copy. In Kubernetes the folder must
 be shared by every search pod (a ReadWriteMany volume) or the backfill only finds the
 images its own pod kept; without a copy, re-ingesting the item captions it too.
+
+Files are written like the original store's (services/search/originals.py, `write_atomic`);
+the two stay apart because this one is keyed by tenant and id (its files are removed once
+captioned), that one by content (kept for good).
 """
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from services.common import principal
 from services.common.log import get_logger
+from services.search.originals import write_atomic
 
 log = get_logger(__name__)
 
@@ -35,10 +39,7 @@ class PendingImages:
     def _put(self, items: Sequence[tuple[str, bytes]]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         for item_id, data in items:
-            path = self._path(item_id)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)  # a reader never sees half a file
+            write_atomic(self._path(item_id), data)  # a reader never sees half a file
 
     async def put_many(self, items: Sequence[tuple[str, bytes]]) -> None:
         """Never fails the ingest: without its copy an item is still stored pending, and the
