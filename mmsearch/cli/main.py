@@ -26,6 +26,7 @@ from mmsearch.cli import output
 from mmsearch.cli.discovery import DiscoveryError, LocalItem, discover
 from mmsearch.client import (
     DEFAULT_ADDRESS,
+    AdminClient,
     BackfillOutcome,
     BackfillProgress,
     BackfillStatus,
@@ -33,6 +34,9 @@ from mmsearch.client import (
     Example,
     Fusion,
     FusionMethod,
+    IndexBackfillOutcome,
+    IndexBackfillProgress,
+    IndexBackfillStatus,
     IngestItem,
     IngestSummary,
     IngestUpdate,
@@ -40,6 +44,7 @@ from mmsearch.client import (
     SearchClient,
     SearchError,
     SearchResult,
+    SwitchResult,
     Target,
     check_health,
 )
@@ -97,6 +102,10 @@ class Connection:
 
     def client(self, address: str | None = None) -> SearchClient:
         return SearchClient.from_config(self.config(address), timeout=self.timeout)
+
+    def admin(self) -> AdminClient:
+        """A client of the Admin service (served by the search process, on its address)."""
+        return AdminClient.from_config(self.config(), timeout=self.timeout)
 
     def call(self, fn: Callable[[SearchClient], T]) -> T:
         """Runs `fn` with a client; a failed call becomes the CLI's error message and exit 1."""
@@ -761,6 +770,165 @@ def demo(
         raise _call_error(e, conn.address) from None
     if code:
         raise typer.Exit(code)
+
+
+
+# ---------------------------------------------------------------------------- index (model change)
+
+index_app = typer.Typer(
+    name="index",
+    help="Change the embedding model without downtime: list the index's collections, create a candidate for a "
+         "new model, backfill it, promote it, roll back, drop old versions (the Admin service; needs the \"admin\" "
+         "scope with scoped tokens).",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+)
+app.add_typer(index_app, name="index")
+
+#: What to say after an Admin call's error, by status code (after the one-line error).
+_ADMIN_HINTS = {
+    "PERMISSION_DENIED": "  the token needs the \"admin\" scope",
+    "ABORTED": "  another backfill, promote or rollback is running on the server; retry later",
+}
+
+
+def _admin_call(ctx: typer.Context, fn: Callable[[AdminClient], T], hints: dict[str, str] | None = None) -> T:
+    """Runs `fn` with an admin client; a failed call prints one line (status and the
+    server's message), maybe a hint, and exits 1."""
+    conn = _conn(ctx)
+    with conn.admin() as client:
+        try:
+            return fn(client)
+        except SearchError as e:
+            hint = {**_ADMIN_HINTS, **(hints or {})}.get(e.code.name)
+            if hint is None:
+                raise _call_error(e, conn.address) from None
+            raise _fail(f"{e.method or 'call'} failed: {e.code.name}: {e.details}", hint=hint) from None
+
+
+@index_app.command("list")
+def index_list(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """The index's collections: name, version, model, dimension, items, role, embedder target."""
+    listing = _admin_call(ctx, lambda client: client.list_collections())
+    if as_json:
+        output.print_json(listing)
+    else:
+        output.console.print(output.collections_table(listing))
+
+
+@index_app.command("create")
+def index_create(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Option("--model", "-m", help="The new embedder model id (the server maps it to an embedder: SEARCH_MODEL_EMBEDDERS).", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Create the candidate collection for a new model; from then on ingest writes to both."""
+    candidate = _admin_call(ctx, lambda client: client.create_candidate(model))
+    if as_json:
+        output.print_json(candidate)
+        return
+    output.console.print(Text.assemble("created candidate ", output.collection_line(candidate),
+                                       f" · embedder {candidate.embedder_target or 'none'}"), soft_wrap=True)
+    output.console.print("next: [bold]mmsearch index backfill[/], then [bold]mmsearch index promote[/]")
+
+
+@index_app.command("backfill")
+def index_backfill(
+    ctx: typer.Context,
+    rate: Annotated[float, typer.Option(min=0.0, help="Items per second (0: as fast as the embedder allows).")] = 0.0,
+    max_items: Annotated[int, typer.Option(min=0, help="Stop after this many items (0: all); run again to continue.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (every outcome and the totals).")] = False,
+) -> None:
+    """Re-embed the live items into the candidate with its model (ids, captions, metadata kept).
+
+    Resumable and idempotent: items already in the candidate are skipped. Exit 1 when any
+    item failed.
+    """
+
+    def run(client: AdminClient) -> tuple[list[IndexBackfillOutcome], IndexBackfillProgress]:
+        outcomes: list[IndexBackfillOutcome] = []
+        progress = IndexBackfillProgress()
+        with output.index_backfill_progress() as bar:
+            task = bar.add_task("index backfill", total=None, copied=0, skipped=0, failed=0, visible=not as_json)
+            for update in client.backfill(max_items_per_s=rate, max_items=max_items):
+                outcomes.extend(update.outcomes)
+                progress = update.progress
+                bar.update(task, total=progress.total, completed=progress.done, copied=progress.copied,
+                           skipped=progress.skipped, failed=progress.failed)
+        return outcomes, progress
+
+    outcomes, progress = _admin_call(ctx, run)
+    failures = [o for o in outcomes if o.status is IndexBackfillStatus.FAILED]
+    if as_json:
+        output.print_json({"progress": progress, "outcomes": outcomes})
+    else:
+        output.console.print(
+            f"[green]{progress.copied} copied[/] · {progress.skipped} skipped · "
+            f"[{'red' if failures else 'dim'}]{progress.failed} failed[/] of {progress.total} live items"
+        )
+        for o in failures[:20]:
+            code = f"{o.code.name}: " if o.code else ""
+            output.console.print(Text.assemble(("  failed ", "red"), o.id, ": ", code, o.message), soft_wrap=True)
+        if len(failures) > 20:
+            output.console.print(f"  … and {len(failures) - 20} more (--json lists them all)")
+    if failures or progress.failed:
+        raise typer.Exit(1)
+
+
+def _print_switch(result: SwitchResult, as_json: bool) -> None:
+    if as_json:
+        output.print_json(result)
+        return
+    output.console.print(Text.assemble(("live:     ", "bold green"), output.collection_line(result.live)), soft_wrap=True)
+    output.console.print(Text.assemble(("previous: ", "bold"), output.collection_line(result.previous)), soft_wrap=True)
+    output.console.print(f"caught up: {result.caught_up} items copied before the switch")
+
+
+_FORCE_HINT = {"FAILED_PRECONDITION": "  when the counts differ, --force switches anyway"}
+
+
+@index_app.command("promote")
+def index_promote(
+    ctx: typer.Context,
+    force: Annotated[bool, typer.Option("--force", help="Switch even when the candidate's item count differs from the live one after catch-up.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Make the candidate live: catch up, compare counts (a difference needs --force), swap the alias."""
+    result = _admin_call(ctx, lambda client: client.promote(force=force), hints=_FORCE_HINT)
+    _print_switch(result, as_json)
+
+
+@index_app.command("rollback")
+def index_rollback(
+    ctx: typer.Context,
+    force: Annotated[bool, typer.Option("--force", help="Switch even when the item counts differ after catch-up.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Swap the alias back to the previous collection (same catch-up and count check)."""
+    result = _admin_call(ctx, lambda client: client.rollback(force=force), hints=_FORCE_HINT)
+    _print_switch(result, as_json)
+
+
+@index_app.command("drop")
+def index_drop(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The collection to drop (mmsearch index list names them); never the live one.")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Drop a collection that is not live (a failed candidate, a version no longer needed for rollback)."""
+    if not yes:
+        try:
+            confirmed = typer.confirm(f"drop collection {name} and every item in it?", default=False,
+                                      err=True)
+        except (typer.Abort, EOFError):
+            confirmed = False
+        if not confirmed:
+            raise _fail(f"{name} not dropped (confirm, or pass --yes)")
+    _admin_call(ctx, lambda client: client.drop_collection(name))
+    output.console.print(f"dropped {escape(name)}")
 
 
 if __name__ == "__main__":  # python -m mmsearch.cli.main

@@ -31,7 +31,17 @@ from rich.table import Table
 from rich.text import Text
 
 from mmsearch.cli.contact_sheet import SheetHit, SheetLayout, SheetQuery, load_image, local_path_of, write_contact_sheet
-from mmsearch.client import Hit, IngestOutcome, Record, SearchResult, Stats, Target
+from mmsearch.client import (
+    CollectionInfo,
+    Hit,
+    IndexCollections,
+    IngestOutcome,
+    Record,
+    Role,
+    SearchResult,
+    Stats,
+    Target,
+)
 
 
 def _width(stream: object) -> int | None:
@@ -184,6 +194,42 @@ def stats_table(stats: Stats) -> Table:
         value = getattr(stats, f.name)
         table.add_row(f.name.replace("_", " "), ", ".join(value) or "-" if isinstance(value, tuple) else str(value))
     return table
+
+
+# ---------------------------------------------------------------------------- index (model change)
+
+_ROLE_STYLES = {Role.LIVE: "bold green", Role.CANDIDATE: "yellow", Role.PREVIOUS: "cyan", Role.RETIRED: "dim"}
+
+
+def collections_table(listing: IndexCollections) -> Table:
+    """`mmsearch index list`: one row per physical collection of the index."""
+    table = Table(title=Text(f"index {listing.index}"), title_justify="left", title_style="bold")
+    table.add_column("name", no_wrap=True)
+    table.add_column("version", justify="right")
+    table.add_column("model", overflow="fold")
+    table.add_column("dimension", justify="right")
+    table.add_column("items", justify="right")
+    table.add_column("role", no_wrap=True)
+    table.add_column("embedder target", overflow="fold")
+    for c in listing.collections:
+        table.add_row(
+            c.name, str(c.version), Text(c.embedder_model_id), str(c.dimension), str(c.item_count),
+            Text(c.role.value, style=_ROLE_STYLES.get(c.role, "")),
+            Text(c.embedder_target) if c.embedder_target else Text("none", style="red"),
+        )
+    if not listing.collections:
+        table.add_row("", "", Text("no collections", style="dim"), "", "", "", "")
+    return table
+
+
+def collection_line(c: CollectionInfo) -> Text:
+    """"mmsearch__v2 (clip-vit-b-32, 512 dims, 1200 items)"."""
+    return Text.assemble((c.name, "bold"), f" ({c.embedder_model_id}, {c.dimension} dims, {c.item_count} items)")
+
+
+def index_backfill_progress() -> Progress:
+    return _counted_progress("[green]{task.fields[copied]} copied[/] [dim]{task.fields[skipped]} skipped[/] "
+                             "[red]{task.fields[failed]} failed[/]")
 
 
 # ---------------------------------------------------------------------------- ingest
