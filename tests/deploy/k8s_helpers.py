@@ -49,6 +49,46 @@ def overlay(name: str) -> tuple[Obj, ...]:
     return render(f"overlays/{name}")
 
 
+@functools.cache
+def overlay_with_components(name: str, components: tuple[str, ...]) -> tuple[Obj, ...]:
+    """The overlay rendered with optional components switched on the way an operator does
+    it: where its kustomization.yaml shows the component as a commented line
+    (`# - ../../components/<c>`), that line is uncommented in place (the order of the
+    components matters); otherwise the component is appended to `components`. The
+    overlay's files are copied to a temporary folder and its `../../` paths pointed back
+    at deploy/k8s."""
+    import os
+    import tempfile
+
+    src = K8S / "overlays" / name
+    with tempfile.TemporaryDirectory(prefix=f"kustomize-{name}-") as tmp:
+        dst = Path(tmp)
+        for f in src.iterdir():
+            if f.is_file():
+                shutil.copy(f, dst / f.name)
+        text = (src / "kustomization.yaml").read_text()
+        appended = []
+        for c in components:
+            line = f"# - ../../components/{c}\n"
+            if line in text:
+                text = text.replace(line, line[2:], 1)
+            else:
+                appended.append(f"../../components/{c}")
+        k = yaml.safe_load(text)
+        if appended:
+            k["components"] = [*(k.get("components") or []), *appended]
+        to_k8s = os.path.relpath(K8S, dst)
+        for key in ("resources", "components"):
+            k[key] = [p.replace("../../", f"{to_k8s}/", 1) if p.startswith("../../") else p for p in k.get(key) or []]
+        (dst / "kustomization.yaml").write_text(yaml.safe_dump(k, sort_keys=False))
+        exe = kubectl()
+        assert exe, "kubectl is not installed"
+        out = subprocess.run(
+            [exe, "kustomize", str(dst)], check=True, capture_output=True, text=True, timeout=120
+        ).stdout
+    return tuple(d for d in yaml.safe_load_all(out) if d)
+
+
 def of_kind(objs: Iterable[Obj], kind: str) -> list[Obj]:
     return [o for o in objs if o["kind"] == kind]
 
