@@ -26,6 +26,11 @@ class LiteSettings(BaseModel):
     # Where the ConSE class vectors are cached (derived from the models, rebuilt when
     # missing). Unset: MMSEARCH_CACHE_DIR, else ~/.cache/mmsearch (shared with the CLI).
     cache_dir: Path | None = None
+    # Vector dimension. Unset: MiniLM's native 384. Set (e.g. 128): every vector (text and
+    # image, one space) goes through a fixed, seeded random orthonormal projection to this
+    # many dimensions (Johnson-Lindenstrauss; the same matrix in every process), then is
+    # L2-normalised; the model id gets `-d<dim>`, so its vectors never mix with native ones.
+    dim: int | None = Field(default=None, ge=1, le=4096)
 
     @property
     def resolved_cache_dir(self) -> Path:

@@ -208,8 +208,8 @@ def bucket(s3_endpoint: str, request: pytest.FixtureRequest) -> str:
 
 
 def s3_settings(endpoint: str, bucket: str, **kw: object) -> OriginalsSettings:
-    values: dict[str, object] = dict(s3_endpoint=endpoint, s3_bucket=bucket, s3_region="eu-west-1",
-                                     s3_access_key=SecretStr(ACCESS), s3_secret_key=SecretStr(SECRET))
+    values: dict[str, object] = {"s3_endpoint": endpoint, "s3_bucket": bucket, "s3_region": "eu-west-1",
+                                 "s3_access_key": SecretStr(ACCESS), "s3_secret_key": SecretStr(SECRET)}
     values.update(kw)
     return OriginalsSettings.model_validate(values)
 

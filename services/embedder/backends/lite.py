@@ -6,6 +6,11 @@ likely ImageNet class prompts (ConSE, Norouzi et al. 2014), so both live in Mini
 384-d space. The model code lives in services/lite_models (shared with the captioner);
 this file only splits it along the serving seams: image preprocessing per item in the
 worker pool, classifier + text encoder forwards batched on the model thread.
+
+EMBEDDER_LITE__DIM gives a second configuration with another dimension (and another model
+id): every vector is projected by a fixed, seeded random orthonormal matrix (`projection`)
+and re-normalised. Cosine similarities are roughly kept (Johnson-Lindenstrauss), so search
+quality stays close; what changes is the id and the dimension, as with a real model change.
 """
 
 from __future__ import annotations
@@ -23,6 +28,23 @@ from services.embedder.settings import EmbedderSettings
 from services.lite_models.imagenet import CROP_FRACTION, IMAGE_SIZE, preprocess_image
 
 CPU_IMAGE_BATCH_LIMIT = 4
+# The projection's seed. Fixed for good: a different seed is a different vector space (it
+# would need a different model id suffix too).
+PROJECTION_SEED = 0x6D6D7365  # "mmse"
+
+
+def projection(native: int, dim: int) -> np.ndarray:
+    """A [native, dim] matrix with orthonormal columns (dim <= native) or rows (dim > native,
+    then an isometry). Depends only on the seed and the two dimensions (the same in every
+    process and restart): numpy's default_rng draws a Gaussian matrix, QR makes it
+    orthonormal, and the signs are fixed by R's diagonal so the result is unique. NumPy does
+    not promise Generator streams across its versions: tests/embedder/test_embedder_lite_dim.py
+    pins a checksum, so an upgrade that would move vectors fails there, not in production."""
+    rng = np.random.default_rng([PROJECTION_SEED, native, dim])
+    gaussian = rng.standard_normal((max(native, dim), min(native, dim)))
+    q, r = np.linalg.qr(gaussian)
+    q *= np.where(np.diag(r) < 0, -1.0, 1.0)
+    return (q if dim <= native else q.T).astype(np.float32)
 
 
 class LiteBackend(LocalBackend):
@@ -35,8 +57,11 @@ class LiteBackend(LocalBackend):
         model_id: str | None = None,
         torch_threads: int | None = None,
         cache_dir: Path | None = None,
+        dim: int | None = None,
     ) -> None:
         self.top_t = top_t
+        self.dim = dim
+        self._projection: np.ndarray | None = None
         self._cache_dir = cache_dir
         self._device_setting = device
         self._model_id = model_id
@@ -52,6 +77,7 @@ class LiteBackend(LocalBackend):
             settings.model_id,
             settings.torch_threads,
             settings.lite.resolved_cache_dir,
+            settings.lite.dim,
         )
 
     def load(self) -> None:
@@ -70,8 +96,17 @@ class LiteBackend(LocalBackend):
         )
         # The ConSE id names both models, T, the temperature and a hash of the class
         # prompts: any change that moves vectors changes the id, so collections never mix.
-        model_id = self._model_id or self.conse.model_id
-        self._info = BackendInfo(self.name, model_id, self.conse.dim, (Modality.TEXT, Modality.IMAGE), False)
+        native_id, dim = self.conse.model_id, self.conse.dim
+        if self.dim is not None:  # another dimension: another space, another id
+            self._projection = projection(dim, self.dim)
+            native_id, dim = f"{native_id}-d{self.dim}", self.dim
+        model_id = self._model_id or native_id
+        self._info = BackendInfo(self.name, model_id, dim, (Modality.TEXT, Modality.IMAGE), False)
+
+    def _out(self, vectors: np.ndarray) -> np.ndarray:
+        if self._projection is not None:
+            vectors = np.asarray(vectors, dtype=np.float32) @ self._projection
+        return l2_normalize(vectors)
 
     def max_batch_size(self, modality: Modality) -> int | None:
         # Measured on 2 vCPU (1 torch thread): EfficientNet-Lite0 costs ~20 ms of CPU per
@@ -93,10 +128,10 @@ class LiteBackend(LocalBackend):
 
     def forward(self, modality: Modality, batch: list[Any]) -> np.ndarray:
         if modality is Modality.TEXT:
-            return l2_normalize(self.conse.embed_texts(list(batch)))
+            return self._out(self.conse.embed_texts(list(batch)))
         if modality is Modality.IMAGE:
             pixels = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)  # NHWC buffer = channels_last
-            return l2_normalize(self.conse.embed_preprocessed(pixels))
+            return self._out(self.conse.embed_preprocessed(pixels))
         raise ValueError("lite composes from image and text vectors")
 
     def compose(self, image_vecs: np.ndarray, text_vecs: np.ndarray, text_weights: np.ndarray) -> np.ndarray:
