@@ -99,6 +99,17 @@ def test_on_adds_only_the_candidates_objects(name: str) -> None:
     assert all(o["metadata"].get("namespace") == "mmsearch" for o in enabled(name) if o["kind"] != "Namespace")
 
 
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_every_object_it_adds_is_labelled_for_removal(name: str) -> None:
+    """`kubectl apply` never prunes: the runbook deletes the component's objects by label,
+    and that label selects nothing else."""
+    label = {"app.kubernetes.io/name": NAME}
+    plain = {(o["kind"], re.sub(r"-[a-z0-9]{10}$", "", o["metadata"]["name"])) for o in overlay(name)}
+    for o in enabled(name):
+        mine = (o["kind"], re.sub(r"-[a-z0-9]{10}$", "", o["metadata"]["name"])) not in plain
+        assert matches({"matchLabels": label}, o["metadata"].get("labels", {})) == mine, o["metadata"]["name"]
+
+
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_manifests_validate(with_component: tuple[dict, ...], version: str) -> None:
     import kubernetes_validate
