@@ -3,36 +3,44 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from functools import partial
 
+import grpc
+
+from mmsearch.admin.v1 import admin_pb2, admin_pb2_grpc
 from mmsearch.search.v1 import search_pb2, search_pb2_grpc
 from services.common.errors import ServiceError
 from services.common.intake import ImageIntake
 from services.common.log import get_logger
 from services.common.server import GrpcApp
+from services.search.admin_servicer import AdminServicer
 from services.search.backfill import Backfiller
 from services.search.binding import EmbedderBinding
 from services.search.catalog import Catalog
 from services.search.engine import SearchEngine
 from services.search.ingest import IngestPipeline
 from services.search.ingest_wire import decode_ingest_request
-from services.search.milvus_store import MilvusStore
+from services.search.model_change import ModelChange
+from services.search.originals import originals_from
 from services.search.pending import PendingImages
 from services.search.servicer import SearchServicer
 from services.search.settings import SearchSettings
 from services.search.upstreams import CaptionerClient, EmbedderClient
+from services.search.versions import IndexVersions
 
 log = get_logger(__name__)
 
 _SERVICE = search_pb2.DESCRIPTOR.services_by_name["Search"].full_name
+_ADMIN = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 _INGEST_METHOD = f"/{_SERVICE}/Ingest"
 # The scope each RPC needs with scoped tokens (SEARCH_AUTH_TOKEN_FILE; docs/security.md).
 METHOD_SCOPES = {
     **{f"/{_SERVICE}/{m}": "search" for m in ("Search", "SearchAll", "Get", "Stats")},
     **{f"/{_SERVICE}/{m}": "ingest" for m in ("Ingest", "Backfill")},
     f"/{_SERVICE}/Delete": "delete",
+    **{f"/{_ADMIN}/{m.name}": "admin" for m in admin_pb2.DESCRIPTOR.services_by_name["Admin"].methods},
 }
-AUDITED_METHODS = (f"/{_SERVICE}/Delete", f"/{_SERVICE}/Backfill")
+AUDITED_METHODS = (f"/{_SERVICE}/Delete", f"/{_SERVICE}/Backfill",
+                   *(f"/{_ADMIN}/{m}" for m in ("CreateCandidate", "Backfill", "Promote", "Rollback", "DropCollection")))
 
 
 # Health names besides "" / the service name (docs/operations.md, "Health"). The overall
@@ -56,25 +64,32 @@ class SearchService:
 
     def __init__(self, settings: SearchSettings) -> None:
         self.settings = settings
-        self.store = MilvusStore(settings)
+        self.index = IndexVersions(settings)
         self.embedder = EmbedderClient(settings)
+        # More embedders by model (a model change's candidate): SEARCH_MODEL_EMBEDDERS.
+        self.mapped = {model: EmbedderClient(settings, target) for model, target in settings.model_embedders.items()}
         self.captioner = CaptionerClient(settings)
         self.intake = ImageIntake(settings.images, settings.uris)
-        self.binding = EmbedderBinding(self.embedder, self.store, settings.embedder_target)
-        pending = PendingImages(settings.pending_images_dir) if settings.pending_images_dir else None
-        self.catalog = Catalog(settings, self.store, self.binding, self.captioner)
-        self.servicer = SearchServicer(
-            SearchEngine(settings, self.store, self.embedder, self.intake, self.binding),
-            IngestPipeline(settings, self.intake, self.captioner, self.embedder, self.store, self.binding, pending),
-            self.catalog,
-            Backfiller(settings, self.store, self.captioner, self.embedder, self.intake, self.binding, pending),
+        self.binding = EmbedderBinding(
+            self.embedder, self.index, settings.embedder_target,
+            {model: (client, settings.model_embedders[model]) for model, client in self.mapped.items()},
         )
+        pending = PendingImages(settings.pending_images_dir) if settings.pending_images_dir else None
+        originals = originals_from(settings.originals)
+        self.catalog = Catalog(settings, self.index, self.binding, self.captioner)
+        self.servicer = SearchServicer(
+            SearchEngine(settings, self.index, self.intake, self.binding),
+            IngestPipeline(settings, self.intake, self.captioner, self.index, self.binding, pending, originals),
+            self.catalog,
+            Backfiller(settings, self.index, self.captioner, self.intake, self.binding, pending, originals),
+        )
+        self.admin = AdminServicer(ModelChange(settings, self.index, self.binding, self.intake, originals))
         self._binder: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         # Nothing here waits for an upstream or for Milvus: the server answers at once.
         with contextlib.suppress(ServiceError):
-            await self.store.describe()
+            await self.index.resolve(max_age_s=0)
         self._binder = asyncio.create_task(self.binding.bind_forever())
         # An embedder that is up already is bound before the first SERVING (callers that
         # search right after start-up find text search ready); a missing one costs at
@@ -83,17 +98,14 @@ class SearchService:
             await asyncio.wait_for(asyncio.shield(self._binder), self.settings.embedder_start_wait_s)
 
     async def ready(self) -> dict[str, bool]:
-        for client in (self.embedder, self.captioner):  # renewed TLS files (cert-manager)
+        for client in (self.embedder, self.captioner, *self.mapped.values()):  # renewed TLS files (cert-manager)
             if client.reload_tls():
                 log.info("upstream TLS files changed: new connections use them", upstream=type(client).__name__)
         milvus, embedder, captioner = await asyncio.gather(
-            self.store.ping(), self.embedder.health(), self.captioner.health(), return_exceptions=True
+            self.index.front.ping(), self.embedder.health(), self.captioner.health(), return_exceptions=True
         )
         self.binding.health = embedder if not isinstance(embedder, BaseException) else None
         self.catalog.captioner_health = captioner if not isinstance(captioner, BaseException) else None
-        if milvus is True and self.store.info is None:
-            with contextlib.suppress(ServiceError):
-                await self.store.describe()
         store_ok = milvus is True
         embedder_ok = store_ok and self.binding.info is not None and self.binding.health is True
         captioner_ok = self.catalog.captioner_health is True
@@ -111,16 +123,20 @@ class SearchService:
             self._binder.cancel()
             with contextlib.suppress(BaseException):
                 await self._binder
-        await self.embedder.close()
-        await self.captioner.close()
+        for client in (self.embedder, self.captioner, *self.mapped.values()):
+            await client.close()
         await self.intake.aclose()
-        await self.store.close()
+        await self.index.close()
+
+    def _register(self, server: grpc.aio.Server) -> None:
+        search_pb2_grpc.add_SearchServicer_to_server(self.servicer, server)
+        admin_pb2_grpc.add_AdminServicer_to_server(self.admin, server)
 
     def app(self) -> GrpcApp:
         return GrpcApp(
             name="search",
-            service_names=[search_pb2.DESCRIPTOR.services_by_name["Search"].full_name],
-            register=partial(search_pb2_grpc.add_SearchServicer_to_server, self.servicer),
+            service_names=[_SERVICE, _ADMIN],
+            register=self._register,
             on_start=self.start,
             on_stop=self.stop,
             readiness=self.ready,

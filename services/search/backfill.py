@@ -26,8 +26,9 @@ from services.search import fields as F
 from services.search.binding import EmbedderBinding
 from services.search.domain import BackfillOutcome, BackfillProgress, BackfillStatus, CaptionResult
 from services.search.ingest import caption_text, fingerprint_of
+from services.search.originals import OriginalStore
 from services.search.pending import PendingImages
-from services.search.ports import Captioner, Embedder, StoredRow, VectorStore
+from services.search.ports import Captioner, Embedder, Index, StoredRow, VectorStore
 from services.search.settings import SearchSettings
 
 log = get_logger(__name__)
@@ -51,16 +52,16 @@ class Pacer:
 
 class Backfiller:
     def __init__(
-        self, settings: SearchSettings, store: VectorStore, captioner: Captioner, embedder: Embedder,
-        intake: ImageIntake, binding: EmbedderBinding, pending_images: PendingImages | None,
+        self, settings: SearchSettings, index: Index, captioner: Captioner, intake: ImageIntake,
+        binding: EmbedderBinding, pending_images: PendingImages | None, originals: OriginalStore | None = None,
     ) -> None:
         self.settings = settings
-        self.store = store
+        self.index = index
         self.captioner = captioner
-        self.embedder = embedder
         self.intake = intake
         self.binding = binding
         self.pending_images = pending_images
+        self.originals = originals
         # One backfill at a time per tenant (a tenant never waits on, or learns of, another's).
         self._running: dict[str, asyncio.Lock] = {}
 
@@ -75,20 +76,21 @@ class Backfiller:
         async with running:
             if not self.binding.model_id():
                 raise Unavailable("embedder: not bound to the collection yet; backfill needs it")
-            await self.store.require()
-            if not self.store.pending_supported:
+            store = await self.index.live()
+            if not store.pending_supported:
                 raise FailedPrecondition(
-                    f"collection {self.store.collection!r} predates deferred captions: nothing can be pending")
+                    f"collection {store.collection!r} predates deferred captions: nothing can be pending")
+            embedder = await self.binding.embedder_for(self._model(store))
             ceiling = self.settings.backfill_max_items_per_s
             rate = min(max_items_per_s, ceiling) if max_items_per_s > 0 else ceiling
-            ids = await self.store.pending_ids(max_items if max_items > 0 else 10_000_000)
+            ids = await store.pending_ids(max_items if max_items > 0 else 10_000_000)
             progress = BackfillProgress(total=len(ids))
             log.info("backfill started", pending=len(ids), items_per_s=rate)
             yield [], progress
             pacer = Pacer(rate)
             chunk = max(1, self.settings.embed_batch_items)
             for start in range(0, len(ids), chunk):
-                outcomes = await self._chunk(ids[start : start + chunk], pacer)
+                outcomes = await self._chunk(ids[start : start + chunk], pacer, store, embedder)
                 for o in outcomes:
                     if o.status is BackfillStatus.CAPTIONED:
                         progress.captioned += 1
@@ -99,8 +101,10 @@ class Backfiller:
                 yield outcomes, progress
             log.info("backfill done", captioned=progress.captioned, failed=progress.failed, skipped=progress.skipped)
 
-    async def _chunk(self, ids: list[str], pacer: Pacer) -> list[BackfillOutcome]:
-        rows = await self.store.rows_with_image_vector(ids)
+    async def _chunk(
+        self, ids: list[str], pacer: Pacer, store: VectorStore, embedder: Embedder
+    ) -> list[BackfillOutcome]:
+        rows = await store.rows_with_image_vector(ids)
         outcomes: dict[str, BackfillOutcome] = {}
         todo = []
         for item_id in ids:
@@ -130,9 +134,10 @@ class Backfiller:
                 outcomes[row["id"]] = BackfillOutcome(row["id"], BackfillStatus.FAILED, c)
         if done:
             try:
-                vectors, model_id = await self.embedder.embed([TextContent(caption_text(c)) for _, c in done])
-                self.binding.check_vectors_from(model_id)
-                await self.store.upsert([self._row(r, c, v) for (r, c), v in zip(done, vectors, strict=True)])
+                vectors, made_by = await embedder.embed([TextContent(caption_text(c)) for _, c in done])
+                model = self._model(store)
+                self.binding.check_vectors(made_by, model)
+                await store.upsert([self._row(r, c, v, model) for (r, c), v in zip(done, vectors, strict=True)])
             except ServiceError as e:
                 for row, _ in done:
                     outcomes[row["id"]] = BackfillOutcome(row["id"], BackfillStatus.FAILED, type(e)(e.message))
@@ -148,6 +153,10 @@ class Backfiller:
             data = await self.pending_images.get(row["id"])
             if data is not None:
                 return data
+        if self.originals is not None:
+            data = await self.originals.get(row["content_sha256"])
+            if data is not None:
+                return data
         uri = row.get("uri") or ""
         if "://" in uri:
             return await self.intake.read(ImageRef(uri=uri))
@@ -155,15 +164,20 @@ class Backfiller:
             "the image is not kept (inline bytes without SEARCH_PENDING_IMAGES_DIR, or another pod's copy): "
             "re-ingest the item to caption it")
 
-    def _row(self, row: dict[str, Any], caption: CaptionResult, caption_vector: np.ndarray) -> StoredRow:
+    @staticmethod
+    def _model(store: VectorStore) -> str:
+        assert store.info is not None  # the index describes a store before handing it out
+        return store.info.model_id
+
+    def _row(self, row: dict[str, Any], caption: CaptionResult, caption_vector: np.ndarray, model: str) -> StoredRow:
         metadata = row.get("metadata") or {}
         uri = row.get("uri") or ""
         return StoredRow(
             id=row["id"], content_sha256=row["content_sha256"],
-            fingerprint=fingerprint_of(row["content_sha256"], metadata, uri, None, self.binding.model_id()),
+            fingerprint=fingerprint_of(row["content_sha256"], metadata, uri, None, model),
             uri=uri, caption=caption.description[: F.MAX_CAPTION_CHARS],
             keywords=[k[: F.MAX_KEYWORD_CHARS] for k in caption.keywords[: F.MAX_KEYWORDS]],
-            metadata=metadata, embedder_model_id=self.binding.model_id(), captioner_model_id=caption.model_id,
+            metadata=metadata, embedder_model_id=model, captioner_model_id=caption.model_id,
             ingested_at_ms=int(row.get("ingested_at_ms") or time.time() * 1000),
             image_vector=np.asarray(row[F.IMAGE_VECTOR], dtype=np.float32), caption_vector=caption_vector,
             caption_pending=False,

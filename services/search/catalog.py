@@ -3,13 +3,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from services.common.errors import InvalidInput
+from services.common.errors import InvalidInput, ServiceError
+from services.common.log import get_logger
 from services.search.binding import EmbedderBinding
 from services.search.domain import CollectionStats, Record
-from services.search.ports import Captioner, VectorStore
+from services.search.ports import Captioner, Index
 from services.search.settings import SearchSettings
 from services.search.validation import check_id
 
+log = get_logger(__name__)
 MAX_IDS = 1000
 
 
@@ -27,10 +29,10 @@ def check_ids(ids: Sequence[str]) -> list[str]:
 
 class Catalog:
     def __init__(
-        self, settings: SearchSettings, store: VectorStore, binding: EmbedderBinding, captioner: Captioner
+        self, settings: SearchSettings, index: Index, binding: EmbedderBinding, captioner: Captioner
     ) -> None:
         self.settings = settings
-        self.store = store
+        self.index = index
         self.binding = binding
         self.captioner = captioner
         # Last health probe of the captioner (None: unreachable): Stats asks it for its
@@ -40,7 +42,7 @@ class Catalog:
     async def get(self, ids: Sequence[str]) -> tuple[list[Record], list[str]]:
         """(records of the stored ids, in the order asked; the ids not stored)."""
         ids = check_ids(ids)
-        rows = await self.store.get(ids)
+        rows = await (await self.index.live()).get(ids)
         records = [
             Record(
                 id=r["id"], uri=r.get("uri", ""), caption=r.get("caption", ""), keywords=r.get("keywords") or [],
@@ -53,15 +55,26 @@ class Catalog:
         return records, [i for i in ids if i not in rows]
 
     async def delete(self, ids: Sequence[str]) -> int:
-        return await self.store.delete(check_ids(ids))
+        """Deletes from the live collection, and from a model change's other collections
+        (best effort there: the promote's catch-up removes what is left)."""
+        ids = check_ids(ids)
+        deleted = await (await self.index.live()).delete(ids)
+        for writer in await self.index.writers():
+            try:
+                await writer.delete(ids)
+            except ServiceError as e:
+                log.warning("could not delete from the model change's other collection", collection=writer.collection,
+                            error=e.message)
+        return deleted
 
     async def stats(self) -> CollectionStats:
-        info = await self.store.require()
+        store = await self.index.live()
+        info = await store.require()
         return CollectionStats(
-            collection=self.store.collection, item_count=await self.store.count(),
+            collection=self.index.index, item_count=await store.count(),
             embedder_model_id=info.model_id, dimension=info.dimension,
             captioner_model_id=await self.captioner.model_id() if self.captioner_health is not None else "",
-            index_type=await self.store.index_type(), metric_type=self.settings.metric_type,
-            milvus_mode=self.store.mode, caption_pending_count=await self.store.count_pending(),
+            index_type=await store.index_type(), metric_type=self.settings.metric_type,
+            milvus_mode=store.mode, caption_pending_count=await store.count_pending(),
             keyword_index=info.has_keyword, indexed_fields=dict(info.indexed_fields),
         )

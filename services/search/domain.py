@@ -96,6 +96,8 @@ class SearchQuery:
     min_score: float | None = None
     group_by: GroupBy | None = None
     decay: Decay | None = None
+    # The model that made `vector` ("" when the caller does not say).
+    vector_model: str = ""
 
     @property
     def embeds(self) -> bool:

@@ -5,6 +5,7 @@ import json
 import math
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,16 @@ from services.search import fields as F
 from services.search.binding import EmbedderBinding
 from services.search.domain import Example, Hit, Leg, SearchQuery, SearchResult, Target
 from services.search.metrics import SEARCH_SECONDS, SEARCH_STAGE_SECONDS
-from services.search.ports import DecaySpec, Embedder, LegQuery, RawHit, SearchOptions, VectorStore
+from services.search.ports import (
+    CollectionInfo,
+    DecaySpec,
+    Embedder,
+    Index,
+    LegQuery,
+    RawHit,
+    SearchOptions,
+    VectorStore,
+)
 from services.search.settings import SearchSettings
 from services.search.validation import check_filter, check_id, check_vector
 
@@ -26,6 +36,15 @@ from services.search.validation import check_filter, check_id, check_vector
 LEG_FIELDS = {Target.IMAGE: F.IMAGE_VECTOR, Target.CAPTION: F.CAPTION_VECTOR, Target.KEYWORD: F.KEYWORD_SPARSE}
 DECAY_FUNCTIONS = ("gauss", "exp", "linear")
 MAX_GROUP_SIZE = 16
+
+
+@dataclass(frozen=True)
+class _On:
+    """What one call runs on: a physical collection and the embedder of its model."""
+
+    store: VectorStore
+    info: CollectionInfo
+    embedder: Embedder | None
 
 
 def mode_label(query: SearchQuery) -> str:
@@ -47,18 +66,18 @@ def _finite(value: float, what: str) -> float:
 
 
 class SearchEngine:
-    """Queries that need the embedder fail at once, before taking an admission slot, when it
-    cannot serve (`binding.require`); query_vector, like_id and stored-id searches need only
-    the store.
+    """Each call runs on one physical collection (the index's live one when the call
+    starts) and embeds its query with the embedder of that collection's model, so a search
+    never mixes models, even while a promote swaps the index. Queries that need an
+    embedder fail at once, before taking an admission slot, when it cannot serve;
+    query_vector, like_id and stored-id searches need only the store.
     """
 
     def __init__(
-        self, settings: SearchSettings, store: VectorStore, embedder: Embedder, intake: ImageIntake,
-        binding: EmbedderBinding,
+        self, settings: SearchSettings, index: Index, intake: ImageIntake, binding: EmbedderBinding,
     ) -> None:
         self.settings = settings
-        self.store = store
-        self.embedder = embedder
+        self.index = index
         self.intake = intake
         self.binding = binding
         self.limiter = AdmissionLimiter(settings.max_concurrent_searches, settings.max_waiting_searches, "searches")
@@ -176,8 +195,18 @@ class SearchEngine:
 
     # --- resolution against the collection ------------------------------------------------
 
-    async def _options(self, q: SearchQuery, names: list[str], expr: str) -> SearchOptions:
-        info = await self.store.require()
+    async def _on(self, q: SearchQuery) -> _On:
+        """The collection this call runs on, and the embedder of its model when it embeds."""
+        store = await self.index.live()
+        info = await store.require()
+        if q.vector is not None and q.vector_model and q.vector_model != info.model_id:
+            raise FailedPrecondition(f"query_vector was made by {q.vector_model!r}, but the collection "
+                                     f"{store.collection!r} was built by {info.model_id!r}")
+        embedder = await self.binding.embedder_for(info.model_id) if q.embeds else None
+        return _On(store, info, embedder)
+
+    async def _options(self, q: SearchQuery, names: list[str], expr: str, on: _On) -> SearchOptions:
+        info = on.info
         group_by = None
         if q.group_by is not None:
             if q.group_by.field not in info.indexed_fields:
@@ -197,18 +226,18 @@ class SearchEngine:
                                    f"(indexed numeric: {numeric or 'none'})")
             decay = DecaySpec(d.function, column, origin, d.scale, d.offset, d.decay)
         if q.like_id:  # the item itself is never a hit
-            own = f'id != "{self.store.stored_key(q.like_id)}"'  # check_id allows no quotes or backslashes
+            own = f'id != "{on.store.stored_key(q.like_id)}"'  # check_id allows no quotes or backslashes
             expr = f"({expr}) and {own}" if expr else own
-        fields = [F.OUTPUT_FIELDS[n] for n in names if n != F.CAPTION_PENDING or self.store.pending_supported]
+        fields = [F.OUTPUT_FIELDS[n] for n in names if n != F.CAPTION_PENDING or on.store.pending_supported]
         return SearchOptions(expr, fields, q.min_score, group_by, decay)
 
-    async def _leg_queries(self, q: SearchQuery, deadline: Deadline) -> list[LegQuery]:
+    async def _leg_queries(self, q: SearchQuery, deadline: Deadline, on: _On) -> list[LegQuery]:
         """Each leg's query data: a vector for dense legs, text for the keyword leg."""
-        info = await self.store.require()
+        info = on.info
         legs = self._legs(q)
         if any(leg.target is Target.KEYWORD for leg in legs) and not info.has_keyword:
             raise FailedPrecondition(
-                f"collection {self.store.collection!r} was created before the keyword leg existed and has no "
+                f"collection {on.store.collection!r} was created before the keyword leg existed and has no "
                 "keyword index. To migrate: set SEARCH_COLLECTION to a new name, re-ingest your items (ingest is "
                 "idempotent), then switch callers over and drop the old collection."
             )
@@ -217,17 +246,17 @@ class SearchEngine:
             return [LegQuery(LEG_FIELDS[leg.target], vector, leg.weight) for leg in legs]
         if q.content is not None:
             dense = any(leg.target is not Target.KEYWORD for leg in legs)
-            vector = (await self._embed([q.content], deadline))[0] if dense else np.zeros(0, np.float32)
+            vector = (await self._embed([q.content], deadline, on))[0] if dense else np.zeros(0, np.float32)
             text = q.content.text if isinstance(q.content, TextContent) else ""
             return [LegQuery(LEG_FIELDS[leg.target], text if leg.target is Target.KEYWORD else vector, leg.weight)
                     for leg in legs]
         if q.like_id:
-            stored = (await self.store.stored_vectors([q.like_id])).get(q.like_id)
+            stored = (await on.store.stored_vectors([q.like_id])).get(q.like_id)
             if stored is None:
                 raise InvalidInput(f"like_id {q.like_id!r} is not stored")
             return [LegQuery(LEG_FIELDS[leg.target], self._stored_leg_data(q.like_id, stored, leg.target), leg.weight)
                     for leg in legs]
-        return await self._example_legs(q, legs, deadline)
+        return await self._example_legs(q, legs, deadline, on)
 
     @staticmethod
     def _stored_leg_data(item_id: str, stored: dict[str, Any], target: Target) -> np.ndarray | str:
@@ -240,12 +269,12 @@ class SearchEngine:
             return text
         return np.asarray(stored[F.IMAGE_VECTOR if target is Target.IMAGE else F.CAPTION_VECTOR], dtype=np.float32)
 
-    async def _example_legs(self, q: SearchQuery, legs: list[Leg], deadline: Deadline) -> list[LegQuery]:
+    async def _example_legs(self, q: SearchQuery, legs: list[Leg], deadline: Deadline, on: _On) -> list[LegQuery]:
         """The L2-normalised weighted sum of the examples' vectors, per dense leg."""
         contents = [e.content for e in q.examples if e.content is not None]
-        embedded = iter(await self._embed(contents, deadline)) if contents else iter(())
+        embedded = iter(await self._embed(contents, deadline, on)) if contents else iter(())
         ids = [e.id for e in q.examples if e.id]
-        stored = await self.store.stored_vectors(ids) if ids else {}
+        stored = await on.store.stored_vectors(ids) if ids else {}
         missing = [i for i in ids if i not in stored]
         if missing:
             raise InvalidInput(f"example ids not stored: {missing[:5]}")
@@ -262,7 +291,7 @@ class SearchEngine:
             out.append(LegQuery(LEG_FIELDS[leg.target], np.asarray(total / norm, dtype=np.float32), leg.weight))
         return out
 
-    async def _embed(self, contents: list[Content], deadline: Deadline) -> np.ndarray:
+    async def _embed(self, contents: list[Content], deadline: Deadline, on: _On) -> np.ndarray:
         """Embeds query contents in one call, checking the model that built the collection."""
         fetched: list[Content] = []
         for content in contents:
@@ -276,8 +305,9 @@ class SearchEngine:
             fetched.append(content)
         # The caller's deadline goes downstream (gRPC does not propagate it by itself).
         deadline.check("the query was embedded")
-        vectors, model = await self.embedder.embed(fetched, deadline)
-        self.binding.check_vectors_from(model)
+        assert on.embedder is not None  # `_on` found it: the query embeds
+        vectors, model = await on.embedder.embed(fetched, deadline)
+        self.binding.check_vectors(model, on.info.model_id)
         return vectors
 
     # --- the calls -------------------------------------------------------------------------
@@ -288,17 +318,16 @@ class SearchEngine:
         entered = time.perf_counter()
         self._validate_page(q)
         names, expr = self._validate(q)
-        if q.embeds:
-            self.binding.require()  # fail fast, holding no admission slot
+        on = await self._on(q)  # fails fast without an embedder, holding no admission slot
         async with self.limiter.admit():
             start = time.perf_counter()
-            opts = await self._options(q, names, expr)
-            legs = await self._leg_queries(q, deadline)
+            opts = await self._options(q, names, expr, on)
+            legs = await self._leg_queries(q, deadline, on)
             embedded = time.perf_counter()
             if q.target is Target.HYBRID:
-                raw = await self.store.hybrid_search(legs, q.top_k, q.offset, opts, q.fusion.rrf_k, q.fusion.weighted)
+                raw = await on.store.hybrid_search(legs, q.top_k, q.offset, opts, q.fusion.rrf_k, q.fusion.weighted)
             else:
-                raw = await self.store.search(legs[0], q.top_k, q.offset, opts)
+                raw = await on.store.search(legs[0], q.top_k, q.offset, opts)
             done = time.perf_counter()
         mode = mode_label(q)
         SEARCH_SECONDS.labels(mode).observe(done - start)
@@ -320,14 +349,13 @@ class SearchEngine:
         if not 1 <= batch_size <= MAX_EXPORT_BATCH:
             raise InvalidInput(f"batch_size must be between 1 and {MAX_EXPORT_BATCH}, got {batch_size}")
         names, expr = self._validate(q)
-        if q.embeds:
-            self.binding.require()
+        on = await self._on(q)
         async with self.exports.admit():
             async with self.limiter.admit():
-                opts = await self._options(q, names, expr)
-                legs = await self._leg_queries(q, deadline)
+                opts = await self._options(q, names, expr, on)
+                legs = await self._leg_queries(q, deadline, on)
             rank = 0
-            async for batch in self.store.iterate(legs[0], opts, batch_size, limit):
+            async for batch in on.store.iterate(legs[0], opts, batch_size, limit):
                 hits = [self._hit(rank + i + 1, h, names) for i, h in enumerate(batch)]
                 rank += len(hits)
                 yield hits

@@ -14,7 +14,7 @@ import asyncio
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -36,9 +36,10 @@ from services.common.log import get_logger
 from services.search import fields as F
 from services.search.binding import EmbedderBinding
 from services.search.domain import CaptionResult, IngestItem, ItemStatus, Outcome, Progress
-from services.search.metrics import INGEST_IN_FLIGHT, INGEST_ITEMS, INGEST_STAGE_SECONDS
+from services.search.metrics import INGEST_IN_FLIGHT, INGEST_ITEMS, INGEST_REPLICA_WRITES, INGEST_STAGE_SECONDS
+from services.search.originals import OriginalStore
 from services.search.pending import PendingImages
-from services.search.ports import Captioner, Embedder, StoredRow, VectorStore
+from services.search.ports import Captioner, Index, StoredRow, VectorStore
 from services.search.settings import SearchSettings
 from services.search.validation import check_id, parse_metadata
 
@@ -59,6 +60,8 @@ class _Work:
     vectors: np.ndarray | None = None  # [2, dim]: image, caption
     # Captioning failed and is deferred: stored with the image vector only.
     caption_error: ServiceError | None = None
+    # The caller's caption as given (part of the fingerprint), None when captioned here.
+    caption_input: dict[str, Any] | None = None
 
 
 def fingerprint_of(
@@ -121,27 +124,27 @@ class IngestPipeline:
         settings: SearchSettings,
         intake: ImageIntake,
         captioner: Captioner,
-        embedder: Embedder,
-        store: VectorStore,
+        index: Index,
         binding: EmbedderBinding,
         pending_images: PendingImages | None = None,
+        originals: OriginalStore | None = None,
     ) -> None:
         self.settings = settings
         self.intake = intake
         self.captioner = captioner
-        self.embedder = embedder
-        self.store = store
+        self.index = index
         self.binding = binding
         self.pending_images = pending_images
+        self.originals = originals
 
-    def defers(self, error: ServiceError) -> bool:
+    def defers(self, error: ServiceError, store: VectorStore) -> bool:
         """A caption failure that the item is stored without (SEARCH_ON_CAPTION_FAILURE=defer):
         the captioner is down, throttled or slow. A collection made before deferred
         captions has no pending mark, so there items fail as with `fail`."""
         return (
             self.settings.on_caption_failure == "defer"
             and isinstance(error, Unavailable | Overloaded | DeadlineExceeded)
-            and self.store.pending_supported
+            and store.pending_supported
         )
 
     async def run(
@@ -161,6 +164,10 @@ class _Run:
         self.p = pipeline
         self.s = s
         self.deadline = deadline
+        # The collections this call writes, resolved when the first item needs them: the
+        # live one, and a model change's candidate / previous one (`versions.py`).
+        self._live: VectorStore | None = None
+        self.writers: Sequence[VectorStore] = ()
         self.progress = Progress()
         self.feeding = True
         self.feed_error: BaseException | None = None
@@ -205,6 +212,13 @@ class _Run:
         INGEST_IN_FLIGHT.dec()
         self.slots.release()
         self.outcomes.put_nowait(outcome)
+
+    async def live(self) -> VectorStore:
+        if self._live is None:
+            live = await self.p.index.live()
+            self.writers = [w for w in await self.p.index.writers() if w is not live]
+            self._live = live
+        return self._live
 
     def item_deadline(self) -> Deadline:
         """The call's deadline for an upstream call on an item (each upstream caps it)."""
@@ -305,7 +319,8 @@ class _Run:
         if item.decode_error:
             raise InvalidInput(item.decode_error)
         metadata = parse_metadata(item.metadata_json, s.max_metadata_bytes, s.max_metadata_depth)
-        self.p.store.indexed_values(metadata)  # a wrong type in an indexed field fails this item alone
+        live = await self.live()
+        live.indexed_values(metadata)  # a wrong type in an indexed field fails this item alone
         if item.caption is not None and not item.caption.description.strip():
             raise InvalidInput("caption.description is empty")
         data = await self.p.intake.read(item.image)
@@ -315,8 +330,9 @@ class _Run:
         if len(uri) > F.MAX_URI_CHARS:
             raise InvalidInput(f"uri is longer than {F.MAX_URI_CHARS} characters")
         fingerprint = fingerprint_of(
-            decoded, metadata, uri, item.caption.__dict__ if item.caption else None, self.p.binding.model_id())
-        work = _Work(item, data, decoded, item_id, fingerprint, metadata, uri)
+            decoded, metadata, uri, item.caption.__dict__ if item.caption else None, _model(live))
+        work = _Work(item, data, decoded, item_id, fingerprint, metadata, uri,
+                     caption_input=item.caption.__dict__ if item.caption else None)
         if item.caption is not None:
             work.caption = CaptionResult(item.caption.description, list(item.caption.keywords), "caller")
         return work
@@ -326,7 +342,7 @@ class _Run:
             batch = await _take_batch(self.check_q, self.s.upsert_batch_items, self.s.batch_wait_ms / 1000)
             start = time.perf_counter()
             try:
-                stored = await self.p.store.fingerprints([w.id for w in batch])
+                stored = await (await self.live()).fingerprints([w.id for w in batch])
             except ServiceError as e:
                 for w in batch:
                     self.finish(w, ItemStatus.FAILED, e)
@@ -350,7 +366,7 @@ class _Run:
                 w.caption = await self.p.captioner.caption(w.data, self.item_deadline())
             except ServiceError as e:
                 error = type(e)(f"caption failed: {e.message}")
-                if self.p.defers(e):  # stored now with its image vector, captioned later
+                if self.p.defers(e, await self.live()):  # stored now with its image vector, captioned later
                     w.caption_error = error
                     self.embed_q.put_nowait(w)
                 else:
@@ -382,17 +398,9 @@ class _Run:
             await self.embed_batch(batch, allow_split=True)
 
     async def embed_batch(self, batch: list[_Work], allow_split: bool) -> None:
-        contents: list[Content] = []
-        for w in batch:
-            contents.append(ImageContent(ImageRef(data=w.data)))
-            if w.caption_error is None:  # a deferred item has no caption to embed yet
-                assert w.caption is not None
-                contents.append(TextContent(caption_text(w.caption)))
         start = time.perf_counter()
         try:
-            self.p.binding.bound_model()
-            vectors, model_id = await self.p.embedder.embed(contents, self.item_deadline())
-            self.p.binding.check_vectors_from(model_id)
+            vectors = await self.embed_for(await self.live(), batch)
         except InvalidInput as e:
             if allow_split and len(batch) > 1:  # find the one bad item instead of failing all
                 for w in batch:
@@ -407,59 +415,107 @@ class _Run:
             return
         finally:
             INGEST_STAGE_SECONDS.labels("embed").observe(time.perf_counter() - start)
-        i = 0
+        for w, v in zip(batch, vectors, strict=True):
+            w.vectors = v
+            self.upsert_q.put_nowait(w)
+
+    async def embed_for(self, store: VectorStore, batch: list[_Work]) -> list[np.ndarray]:
+        """Each item's [image, caption] vectors from the embedder of `store`'s model."""
+        model = _model(store)
+        embedder = await self.p.binding.embedder_for(model)
+        contents: list[Content] = []
+        for w in batch:
+            contents.append(ImageContent(ImageRef(data=w.data)))
+            if w.caption_error is None:  # a deferred item has no caption to embed yet
+                assert w.caption is not None
+                contents.append(TextContent(caption_text(w.caption)))
+        vectors, made_by = await embedder.embed(contents, self.item_deadline())
+        self.p.binding.check_vectors(made_by, model)
+        out, i = [], 0
         for w in batch:
             if w.caption_error is None:
-                w.vectors = vectors[i : i + 2]
+                out.append(vectors[i : i + 2])
                 i += 2
             else:  # placeholder caption vector: never searched (caption legs skip pending rows)
-                w.vectors = np.stack([vectors[i], vectors[i]])
+                out.append(np.stack([vectors[i], vectors[i]]))
                 i += 1
-            self.upsert_q.put_nowait(w)
+        return out
 
     async def upserter(self) -> None:
         while True:
             batch = await _take_batch(self.upsert_q, self.s.upsert_batch_items, self.s.batch_wait_ms / 1000)
             now_ms = int(time.time() * 1000)
-            rows = []
-            for w in batch:
-                assert w.vectors is not None
-                if w.caption_error is not None:
-                    rows.append(StoredRow(
-                        # Another fingerprint than the captioned item's: re-ingesting it
-                        # captions it (never "unchanged" while pending).
-                        id=w.id, content_sha256=w.sha256, fingerprint=pending_fingerprint(w.fingerprint),
-                        uri=w.uri, caption="", keywords=[], metadata=w.metadata,
-                        embedder_model_id=self.p.binding.model_id(), captioner_model_id="", ingested_at_ms=now_ms,
-                        image_vector=w.vectors[0], caption_vector=w.vectors[1], caption_pending=True,
-                    ))
-                    continue
-                assert w.caption is not None
-                rows.append(StoredRow(
-                    id=w.id, content_sha256=w.sha256, fingerprint=w.fingerprint, uri=w.uri,
-                    caption=w.caption.description[: F.MAX_CAPTION_CHARS],
-                    keywords=[k[: F.MAX_KEYWORD_CHARS] for k in w.caption.keywords[: F.MAX_KEYWORDS]],
-                    metadata=w.metadata, embedder_model_id=self.p.binding.model_id(),
-                    captioner_model_id=w.caption.model_id, ingested_at_ms=now_ms,
-                    image_vector=w.vectors[0], caption_vector=w.vectors[1],
-                ))
             start = time.perf_counter()
             try:
+                live = await self.live()
+                rows = [_row(w, _model(live), _fingerprint(w, _model(live)), w.vectors, now_ms) for w in batch]
                 deferred = [w for w in batch if w.caption_error is not None]
                 if deferred and self.p.pending_images is not None:  # the backfill's copy of the image
                     await self.p.pending_images.put_many([(w.id, w.data) for w in deferred])
-                await self.p.store.upsert(rows)
+                if self.p.originals is not None:  # what a model change re-embeds inline items from
+                    await self.p.originals.put_many([(w.sha256, w.data) for w in batch if not w.item.image.uri])
+                await live.upsert(rows)
             except ServiceError as e:
                 for w in batch:
                     self.finish(w, ItemStatus.FAILED, type(e)(f"storing failed: {e.message}"))
                 continue
             finally:
                 INGEST_STAGE_SECONDS.labels("upsert").observe(time.perf_counter() - start)
+            for writer in self.writers:
+                await self.replicate(writer, batch, now_ms)
             for w in batch:
                 if w.caption_error is not None:
                     self.finish(w, ItemStatus.DEFERRED, w.caption_error)
                 else:
                     self.finish(w, ItemStatus.STORED)
+
+    async def replicate(self, store: VectorStore, batch: list[_Work], now_ms: int) -> None:
+        """Writes stored items to a model change's other collection too, with its model's
+        vectors. Best effort: the item is stored (in the live collection) either way; what
+        fails here is copied by the next admin backfill or the promote's catch-up pass."""
+        model = _model(store)
+        try:
+            vectors = await self.embed_for(store, batch)
+            rows = [_row(w, model, _fingerprint(w, model), v, now_ms) for w, v in zip(batch, vectors, strict=True)]
+            await store.upsert(rows)
+        except ServiceError as e:
+            INGEST_REPLICA_WRITES.labels("failed").inc(len(batch))
+            log.warning("could not write items to the model change's other collection; the admin backfill or the "
+                        "promote's catch-up copies them", collection=store.collection, items=len(batch),
+                        error=e.message)
+            return
+        INGEST_REPLICA_WRITES.labels("written").inc(len(batch))
+
+
+def _model(store: VectorStore) -> str:
+    assert store.info is not None  # described by the index before it is handed out
+    return store.info.model_id
+
+
+def _fingerprint(w: _Work, model: str) -> str:
+    """The fingerprint of the item as a collection built by `model` stores it. A pending
+    item gets another one than the captioned item's: re-ingesting it captions it (never
+    "unchanged" while pending)."""
+    fingerprint = fingerprint_of(w.sha256, w.metadata, w.uri, w.caption_input, model)
+    return pending_fingerprint(fingerprint) if w.caption_error is not None else fingerprint
+
+
+def _row(w: _Work, model: str, fingerprint: str, vectors: np.ndarray | None, now_ms: int) -> StoredRow:
+    assert vectors is not None
+    if w.caption_error is not None:  # `fingerprint` is the pending one (see `_fingerprint`)
+        return StoredRow(
+            id=w.id, content_sha256=w.sha256, fingerprint=fingerprint, uri=w.uri, caption="", keywords=[], metadata=w.metadata, embedder_model_id=model,
+            captioner_model_id="", ingested_at_ms=now_ms, image_vector=vectors[0], caption_vector=vectors[1],
+            caption_pending=True,
+        )
+    assert w.caption is not None
+    return StoredRow(
+        id=w.id, content_sha256=w.sha256, fingerprint=fingerprint, uri=w.uri,
+        caption=w.caption.description[: F.MAX_CAPTION_CHARS],
+        keywords=[k[: F.MAX_KEYWORD_CHARS] for k in w.caption.keywords[: F.MAX_KEYWORDS]],
+        metadata=w.metadata, embedder_model_id=model, captioner_model_id=w.caption.model_id, ingested_at_ms=now_ms,
+        image_vector=vectors[0], caption_vector=vectors[1],
+    )
 
 
 def _inspect(data: bytes, intake: ImageIntake, decode: bool) -> str:

@@ -18,3 +18,13 @@ SEARCH_SECONDS = Histogram("search_query_seconds", "Search latency by mode.", ["
 SEARCH_STAGE_SECONDS = Histogram(
     "search_query_stage_seconds", "Search time per mode and stage (embed, milvus).", ["mode", "stage"], buckets=_FAST
 )
+# A model change (docs/operations.md): items Ingest also wrote to the candidate / previous
+# collection ("written"), or could not ("failed": the admin backfill or the promote's
+# catch-up copies them).
+INGEST_REPLICA_WRITES = Counter(
+    "search_ingest_replica_writes_total", "Items written to a model change's other collection, by outcome.",
+    ["outcome"],
+)
+# The admin backfill and the promote / rollback catch-up: items by outcome.
+REINDEX_ITEMS = Counter("search_reindex_items_total", "Items the model change's backfill handled, by outcome.",
+                        ["outcome"])

@@ -144,23 +144,21 @@ def milvus_tls_kwargs(settings: SearchSettings) -> dict[str, Any]:
     return kwargs
 
 
-class MilvusStore:
+class MilvusConnection:
+    """One MilvusClient (created lazily, dropped after connection errors so a restarted
+    Milvus is picked up again) and its thread pool, shared by every collection's store."""
+
     def __init__(self, settings: SearchSettings) -> None:
         self.settings = settings
-        self.collection = settings.collection
         self._client: MilvusClient | None = None
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=settings.milvus_threads, thread_name_prefix="milvus")
-        # Learnt from the collection (or set when creating it); None until it exists.
-        self.info: CollectionInfo | None = None
+        self.pool = ThreadPoolExecutor(max_workers=settings.milvus_threads, thread_name_prefix="milvus")
 
     @property
     def mode(self) -> str:
         return "server" if "://" in self.settings.milvus_uri else "embedded"
 
-    # --- plumbing ---------------------------------------------------------------------
-
-    def _get_client(self) -> MilvusClient:
+    def client(self) -> MilvusClient:
         with self._lock:
             if self._client is None:
                 token = self.settings.milvus_token.get_secret_value() if self.settings.milvus_token else ""
@@ -178,7 +176,7 @@ class MilvusStore:
                 )
             return self._client
 
-    def _drop_client(self) -> None:
+    def drop(self) -> None:
         with self._lock:
             client, self._client = self._client, None
         if client is not None:
@@ -186,6 +184,40 @@ class MilvusStore:
                 client.close()
             except Exception:  # noqa: BLE001, S110 - closing a broken client must not mask the real error
                 pass
+
+    def close(self) -> None:
+        self.drop()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class MilvusStore:
+    """One physical collection. `collection` defaults to SEARCH_COLLECTION; the index's
+    versions (services/search/versions.py) make one store per version, on one connection."""
+
+    def __init__(
+        self, settings: SearchSettings, collection: str | None = None, connection: MilvusConnection | None = None
+    ) -> None:
+        self.settings = settings
+        self.collection = collection or settings.collection
+        self.connection = connection or MilvusConnection(settings)
+        # Learnt from the collection (or set when creating it); None until it exists.
+        self.info: CollectionInfo | None = None
+
+    @property
+    def mode(self) -> str:
+        return self.connection.mode
+
+    # --- plumbing ---------------------------------------------------------------------
+
+    @property
+    def _pool(self) -> ThreadPoolExecutor:
+        return self.connection.pool
+
+    def _get_client(self) -> MilvusClient:
+        return self.connection.client()
+
+    def _drop_client(self) -> None:
+        self.connection.drop()
 
     async def _call(self, op: str, fn: Callable[[MilvusClient], T], filter_expr: str = "") -> T:
         def run() -> T:
@@ -409,8 +441,7 @@ class MilvusStore:
         return str(info.get("index_type", self.settings.index_type))
 
     async def close(self) -> None:
-        self._drop_client()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.connection.close()
 
     # --- writes -------------------------------------------------------------------------
 
@@ -440,15 +471,18 @@ class MilvusStore:
 
     async def upsert(self, rows: Sequence[StoredRow]) -> None:
         t = await self.tenancy()
+        await self._upsert([(t.key(r.id), t.tenant, r) for r in rows], t.enforced)
+
+    async def _upsert(self, rows: Sequence[tuple[str, str, StoredRow]], with_tenant: bool) -> None:
         info = self.info
         assert info is not None
         pending = self.pending_supported
-        if not pending and any(r.caption_pending for r in rows):
+        if not pending and any(r.caption_pending for _, _, r in rows):
             raise FailedPrecondition(
                 f"collection {self.collection!r} predates deferred captions (no {F.CAPTION_PENDING} field)")
         data = [
             {
-                "id": t.key(r.id), **({F.TENANT: t.tenant} if t.enforced else {}),
+                "id": key, **({F.TENANT: tenant} if with_tenant else {}),
                 "content_sha256": r.content_sha256, "fingerprint": r.fingerprint, "uri": r.uri,
                 "caption": r.caption, "keywords": r.keywords, "metadata": r.metadata,
                 "embedder_model_id": r.embedder_model_id, "captioner_model_id": r.captioner_model_id,
@@ -458,9 +492,51 @@ class MilvusStore:
                 **({F.KEYWORD_TEXT: keyword_text(r.caption, r.keywords)} if info.has_keyword else {}),
                 **self.indexed_values(r.metadata),
             }
-            for r in rows
+            for key, tenant, r in rows
         ]
         await self._call("upsert", lambda c: c.upsert(self.collection, data))
+
+    # --- the whole collection, every tenant (the admin's model change) -------------------
+
+    async def all_keys(self) -> list[str]:
+        """Every stored key (all tenants), sorted."""
+        await self.require()
+
+        def run(c: MilvusClient) -> list[str]:
+            it = c.query_iterator(self.collection, batch_size=2000, filter='id != ""', output_fields=["id"])
+            keys: list[str] = []
+            try:
+                while batch := it.next():
+                    keys += [r["id"] for r in batch]
+            finally:
+                it.close()
+            return sorted(keys)
+
+        return await self._call("query_iterator", run)
+
+    async def rows_by_key(self, keys: Sequence[str], vectors: bool = False) -> dict[str, dict[str, Any]]:
+        """Stored rows by key (all tenants), with the tenant and the pending mark when the
+        collection has them."""
+        info = await self.require()
+        fields = [*self.scalar_fields(), *([F.TENANT] if info.has_tenant else []),
+                  *([F.IMAGE_VECTOR, F.CAPTION_VECTOR] if vectors else [])]
+        rows = await self._call("get", lambda c: c.get(self.collection, ids=list(keys), output_fields=fields))
+        return {r["id"]: r for r in rows}
+
+    async def upsert_keyed(self, rows: Sequence[tuple[str, str, StoredRow]]) -> None:
+        """Writes rows under their stored keys and tenants (StoredRow.id is ignored)."""
+        info = await self.require()
+        await self._upsert(rows, info.has_tenant)
+
+    async def delete_keys(self, keys: Sequence[str]) -> None:
+        if keys:
+            await self._call("delete", lambda c: c.delete(self.collection, ids=list(keys)))
+
+    async def count_all(self) -> int:
+        """Rows of every tenant."""
+        await self.require()
+        rows = await self._call("count", lambda c: c.query(self.collection, filter="", output_fields=["count(*)"]))
+        return int(rows[0]["count(*)"])
 
     async def pending_ids(self, limit: int) -> list[str]:
         """Ids of rows whose caption is pending (at most `limit`), sorted: a backfill's

@@ -86,6 +86,7 @@ def _query(request: search_pb2.SearchRequest) -> SearchQuery:
         min_score=request.min_score if request.HasField("min_score") else None,
         group_by=GroupBy(request.group_by.field, request.group_by.size or 1) if request.HasField("group_by") else None,
         decay=_decay(request.decay) if request.HasField("decay") else None,
+        vector_model=request.query_vector_model_id,
     )
 
 

@@ -87,8 +87,8 @@ class _UpstreamClient:
 class EmbedderClient(_UpstreamClient):
     _stub_type = embedder_pb2_grpc.EmbedderStub
 
-    def __init__(self, settings: SearchSettings) -> None:
-        super().__init__(settings, settings.embedder_target)
+    def __init__(self, settings: SearchSettings, target: str | None = None) -> None:
+        super().__init__(settings, target or settings.embedder_target)
 
     async def info(self) -> EmbedderInfo:
         try:

@@ -36,7 +36,7 @@ from services.search.engine import SearchEngine
 from services.search.servicer import _ingest_item, _query
 from services.search.settings import SearchSettings
 from services.search.validation import check_filter, check_id, check_vector, parse_metadata
-from tests.search.fakes import FakeEmbedder, FakeStore
+from tests.search.fakes import FakeEmbedder, FakeIndex, FakeStore
 
 # Mutated TIFFs make Pillow warn about corrupt tags: expected, and not errors.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -220,8 +220,8 @@ def test_get_delete_ids_are_bounded_and_valid(ids: list[str]) -> None:
 # --- search request decoding (servicer + engine validation) ---------------------------------------
 
 
-ENGINE = SearchEngine(SearchSettings(), FakeStore(), FakeEmbedder(), ImageIntake(ImageLimits(), UriSettings()),
-                      EmbedderBinding(FakeEmbedder(), FakeStore(), "fake"))
+ENGINE = SearchEngine(SearchSettings(), FakeIndex(FakeStore()), ImageIntake(ImageLimits(), UriSettings()),
+                      EmbedderBinding(FakeEmbedder(), FakeIndex(FakeStore()), "fake"))
 
 
 @FAST

@@ -19,7 +19,7 @@ from PIL import Image
 
 from services.common.content import ComposedContent, Content, ImageContent, TextContent
 from services.common.deadline import NO_DEADLINE, Deadline
-from services.common.errors import DeadlineExceeded, ServiceError
+from services.common.errors import DeadlineExceeded, FailedPrecondition, ServiceError
 from services.common.intake import ImageIntake
 from services.common.settings import UriSettings
 from services.search import fields as F
@@ -146,6 +146,9 @@ class FakeStore:
         self._check()
         if self.info is None:
             self.info = CollectionInfo(model_id, dimension, has_caption_pending=True, has_keyword=True)
+        elif self.info.model_id != model_id:
+            raise FailedPrecondition(f"collection {self.collection!r} was built by embedding model "
+                                     f"{self.info.model_id!r}, not {model_id!r}")
 
     async def fingerprints(self, ids: Sequence[str]) -> dict[str, str]:
         self._check()
@@ -216,11 +219,34 @@ class FakeStore:
 
 
 @dataclass
+class FakeIndex:
+    """The Index port over in-memory stores: one live, and any others Ingest also writes."""
+
+    store: FakeStore
+    others: list[FakeStore] = field(default_factory=list)
+    index: str = "fake"
+    mode: str = "fake"
+
+    async def live(self) -> FakeStore:
+        await self.store.require()
+        return self.store
+
+    async def writers(self) -> list[FakeStore]:
+        return list(self.others)
+
+    async def ensure_live(self, model_id: str, dimension: int, servable: set[str]) -> None:
+        if self.store.info is not None and self.store.info.model_id in servable:
+            return
+        await self.store.ensure_collection(model_id, dimension)
+
+
+@dataclass
 class Ports:
     settings: SearchSettings
     embedder: FakeEmbedder
     captioner: FakeCaptioner
     store: FakeStore
+    index: FakeIndex
     binding: EmbedderBinding
     intake: ImageIntake
 
@@ -229,6 +255,7 @@ async def bound_ports(settings: SearchSettings | None = None, **embedder: Any) -
     """Fakes with the embedder bound to the store (the model guard passed)."""
     s = settings or SearchSettings(batch_wait_ms=5, embed_batch_max_wait_ms=20)
     emb, store = FakeEmbedder(**embedder), FakeStore()
-    binding = EmbedderBinding(emb, store, "fake-embedder:0")
+    index = FakeIndex(store)
+    binding = EmbedderBinding(emb, index, "fake-embedder:0")
     await binding.bind_forever()
-    return Ports(s, emb, FakeCaptioner(), store, binding, ImageIntake(s.images, UriSettings()))
+    return Ports(s, emb, FakeCaptioner(), store, index, binding, ImageIntake(s.images, UriSettings()))

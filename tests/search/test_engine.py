@@ -14,14 +14,15 @@ from services.common.errors import ErrorKind, ServiceError
 from services.common.intake import ImageRef
 from services.search.domain import CaptionInput, Fusion, IngestItem, Leg, SearchQuery, Target
 from services.search.engine import SearchEngine
-from tests.search.fakes import DIM, Ports, bound_ports, jpeg, unit
+from services.search.ports import CollectionInfo
+from tests.search.fakes import DIM, FakeEmbedder, FakeStore, Ports, bound_ports, jpeg, unit
 from tests.search.test_ingest import ingest
 
 CAPTIONS = ["a red cup", "a black top", "a sleeping cat", "a mountain lake", "a city at night"]
 
 
 def engine(p: Ports) -> SearchEngine:
-    return SearchEngine(p.settings, p.store, p.embedder, p.intake, p.binding)
+    return SearchEngine(p.settings, p.index, p.intake, p.binding)
 
 
 async def stocked() -> Ports:
@@ -144,8 +145,31 @@ async def test_like_id_needs_no_embedder_and_never_returns_the_item_itself() -> 
     p = await stocked()
     calls = len(p.embedder.calls)
     # The fake store applies no filter expressions, so check the filter the engine built.
-    opts = await engine(p)._options(SearchQuery(like_id="item-3"), ["caption"], "")
+    q = SearchQuery(like_id="item-3")
+    opts = await engine(p)._options(q, ["caption"], "", await engine(p)._on(q))
     assert opts.filter == 'id != "item-3"'
     result = await engine(p).search(SearchQuery(like_id="item-3", target=Target.IMAGE, filter=""))
     assert len(p.embedder.calls) == calls
     assert np.isfinite([h.score for h in result.hits]).all()
+
+
+async def test_a_query_vector_from_another_model_is_refused_naming_both() -> None:
+    p = await stocked()
+    vector = unit("text:a red cup").tolist()
+    e = await refused(p, SearchQuery(vector=vector, vector_model="fake-embedder-b"))
+    assert e.kind is ErrorKind.FAILED_PRECONDITION
+    assert "'fake-embedder-b'" in e.message and "'fake-embedder-a'" in e.message
+    ok = await engine(p).search(SearchQuery(vector=vector, vector_model="fake-embedder-a", target=Target.CAPTION))
+    assert ok.hits[0].id == "item-0"
+
+
+async def test_a_search_embeds_with_the_embedder_of_the_live_collections_model() -> None:
+    p = await stocked()
+    other = FakeEmbedder(model_id="fake-embedder-b")
+    p.binding.mapped["fake-embedder-b"] = (other, "embedder-b:0")
+    p.index.store = FakeStore(info=CollectionInfo("fake-embedder-b", DIM, True, True))  # a promote happened
+    result = await engine(p).search(SearchQuery(content=TextContent("a red cup")))
+    assert len(other.calls) == 1 and result.hits == []
+    p.index.store = FakeStore(info=CollectionInfo("fake-embedder-c", DIM, True, True))
+    e = await refused(p, SearchQuery(content=TextContent("a red cup")))
+    assert e.kind is ErrorKind.FAILED_PRECONDITION and "no embedder here serves model 'fake-embedder-c'" in e.message

@@ -16,11 +16,12 @@ from services.common.images import sha256_hex
 from services.common.intake import ImageRef
 from services.search.domain import CaptionInput, IngestItem, ItemStatus, Outcome, Progress
 from services.search.ingest import IngestPipeline
-from tests.search.fakes import Ports, bound_ports, jpeg
+from services.search.ports import CollectionInfo
+from tests.search.fakes import DIM, FakeEmbedder, FakeStore, Ports, bound_ports, jpeg
 
 
 def pipeline(p: Ports) -> IngestPipeline:
-    return IngestPipeline(p.settings, p.intake, p.captioner, p.embedder, p.store, p.binding)
+    return IngestPipeline(p.settings, p.intake, p.captioner, p.index, p.binding)
 
 
 async def _stream(items: Iterable[IngestItem]) -> AsyncIterator[IngestItem]:
@@ -159,3 +160,21 @@ async def test_outcomes_are_complete_for_streams_of_any_size(n: int) -> None:
     _, progress = await ingest(p, [item(i, jpeg(1000 + i, side=8)) for i in range(n)])
     assert progress.stored == n == len(p.store.rows)
     assert sum(p.store.upserts) == n
+
+
+async def test_items_are_written_to_a_model_changes_other_collection_with_its_vectors() -> None:
+    p = await bound_ports()
+    other_embedder = FakeEmbedder(model_id="fake-embedder-b")
+    p.binding.mapped["fake-embedder-b"] = (other_embedder, "embedder-b:0")
+    candidate = FakeStore(collection="fake__v2", info=CollectionInfo("fake-embedder-b", DIM, True, True))
+    p.index.others.append(candidate)
+    out, progress = await ingest(p, [item(i, jpeg(90 + i)) for i in range(5)])
+    assert progress.stored == 5 and set(candidate.rows) == set(p.store.rows)
+    for key, row in candidate.rows.items():
+        assert row["embedder_model_id"] == "fake-embedder-b" and p.store.rows[key]["embedder_model_id"] == "fake-embedder-a"
+        assert row["caption"] == p.store.rows[key]["caption"]
+        assert row["fingerprint"] != p.store.rows[key]["fingerprint"]  # the model is part of it
+    # The other collection failing never fails the items: they are stored (live) anyway.
+    candidate.down = Unavailable("milvus: candidate unavailable")
+    out, progress = await ingest(p, [item(i, jpeg(200 + i)) for i in range(3)])
+    assert progress.stored == 3 and all(o.status is ItemStatus.STORED for o in out.values())
