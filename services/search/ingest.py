@@ -216,7 +216,10 @@ class _Run:
     async def live(self) -> VectorStore:
         if self._live is None:
             live = await self.p.index.live()
-            self.writers = [w for w in await self.p.index.writers() if w is not live]
+            try:
+                self.writers = [w for w in await self.p.index.writers() if w is not live]
+            except ServiceError as e:  # the items are stored either way; the catch-up copies them
+                log.warning("a model change's other collection cannot be written", error=e.message)
             self._live = live
         return self._live
 
