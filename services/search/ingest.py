@@ -34,6 +34,7 @@ from services.common.images import PixelNeed, decode_image, inspect_image
 from services.common.intake import ImageIntake, ImageRef
 from services.common.log import get_logger
 from services.search import fields as F
+from services.search import flushing
 from services.search.binding import EmbedderBinding
 from services.search.domain import CaptionResult, IngestItem, ItemStatus, Outcome, Progress
 from services.search.metrics import INGEST_IN_FLIGHT, INGEST_ITEMS, INGEST_REPLICA_WRITES, INGEST_STAGE_SECONDS
@@ -152,8 +153,11 @@ class IngestPipeline:
     ) -> AsyncIterator[tuple[list[Outcome], Progress]]:
         """Yields (new outcomes, running totals) until every received item has an outcome."""
         run = _Run(self, deadline)
-        async for chunk in run.execute(items):
-            yield chunk
+        try:
+            async for chunk in run.execute(items):
+                yield chunk
+        finally:
+            flushing.ingest_ended()  # the flush policy: a large stream's rows get flushed (flushing.py)
 
 
 class _Run:
@@ -240,7 +244,7 @@ class _Run:
         for _ in range(s.decode_workers):
             self.spawn(self.decoder())
         self.spawn(self.checker())
-        for _ in range(s.caption_concurrency):
+        for _ in range(caption_workers(s.caption_concurrency)):
             self.spawn(self.captioner())
         for _ in range(2):  # two in flight so the embedder's batcher always has work
             self.spawn(self.embedder())
@@ -361,31 +365,48 @@ class _Run:
                     self.caption_q.put_nowait(w)
 
     async def captioner(self) -> None:
+        """Sends the items waiting for a caption in CaptionBatch calls of up to
+        `CAPTION_BATCH_ITEMS` (what is queued now: a lone item goes at once). The workers
+        (`caption_workers`) keep at most `caption_concurrency` images in flight, as one
+        call per image did. Each item's outcome is the one its own Caption call had."""
+        batch_items = caption_batch_items(self.s.caption_concurrency)
         while True:
-            w = await self.caption_q.get()
-            self.captioning += 1
+            batch = [await self.caption_q.get()]
+            while len(batch) < batch_items and not self.caption_q.empty():
+                batch.append(self.caption_q.get_nowait())
+            self.captioning += len(batch)
             start = time.perf_counter()
+            results: Sequence[CaptionResult | ServiceError] = ()
+            live: VectorStore | None = None
             try:
-                w.caption = await self.p.captioner.caption(w.data, self.item_deadline())
-            except ServiceError as e:
-                error = type(e)(f"caption failed: {e.message}")
-                if self.p.defers(e, await self.live()):  # stored now with its image vector, captioned later
-                    w.caption_error = error
-                    self.embed_q.put_nowait(w)
-                else:
-                    self.finish(w, ItemStatus.FAILED, error)
-                continue
+                try:
+                    results = await self.p.captioner.caption_batch([w.data for w in batch], self.item_deadline())
+                except ServiceError as e:  # the whole call failed: each item as if its own call had
+                    results = [e] * len(batch)
+                if any(isinstance(r, ServiceError) for r in results):
+                    live = await self.live()
             except Exception as e:
-                log.exception("caption stage error", index=w.item.index)
-                self.finish(w, ItemStatus.FAILED, InvalidInput(f"caption failed: {type(e).__name__}"))
+                log.exception("caption stage error", index=batch[0].item.index, items=len(batch))
+                for w in batch:
+                    self.finish(w, ItemStatus.FAILED, InvalidInput(f"caption failed: {type(e).__name__}"))
                 continue
             finally:
-                self.captioning -= 1  # no await until the item is queued for embedding below
+                self.captioning -= len(batch)  # no await until the items are queued for embedding below
                 INGEST_STAGE_SECONDS.labels("caption").observe(time.perf_counter() - start)
-            if not w.caption.description.strip():
-                self.finish(w, ItemStatus.FAILED, InvalidInput("caption failed: the captioner returned no description"))
-                continue
-            self.embed_q.put_nowait(w)
+            for w, result in zip(batch, results, strict=True):
+                if isinstance(result, ServiceError):
+                    error = type(result)(f"caption failed: {result.message}")
+                    assert live is not None
+                    if self.p.defers(result, live):  # stored now with its image vector, captioned later
+                        w.caption_error = error
+                        self.embed_q.put_nowait(w)
+                    else:
+                        self.finish(w, ItemStatus.FAILED, error)
+                elif not result.description.strip():
+                    self.finish(w, ItemStatus.FAILED, InvalidInput("caption failed: the captioner returned no description"))
+                else:
+                    w.caption = result
+                    self.embed_q.put_nowait(w)
 
     def captions_pending(self) -> int:
         """Items still in the caption stage: they will reach the embed queue soon."""
@@ -488,6 +509,21 @@ class _Run:
                         error=e.message)
             return
         INGEST_REPLICA_WRITES.labels("written").inc(len(batch))
+
+
+#: Most images per CaptionBatch call from the caption stage. Small on purpose: a batch
+#: answers when its slowest image is captioned, so two smaller batches in flight keep the
+#: embed stage fed while one full batch would leave it idle.
+CAPTION_BATCH_ITEMS = 4
+
+
+def caption_batch_items(concurrency: int) -> int:
+    return max(1, min(CAPTION_BATCH_ITEMS, concurrency))
+
+
+def caption_workers(concurrency: int) -> int:
+    """Caption workers such that at most `concurrency` images are in flight."""
+    return max(1, concurrency // caption_batch_items(concurrency))
 
 
 def _model(store: VectorStore) -> str:

@@ -14,6 +14,7 @@ import numpy as np
 
 from services.common.content import Content
 from services.common.deadline import Deadline
+from services.common.errors import ServiceError
 from services.search.domain import CaptionResult, EmbedderInfo
 
 
@@ -110,6 +111,13 @@ class Embedder(Protocol):
 
 class Captioner(Protocol):
     async def caption(self, image_bytes: bytes, deadline: Deadline = ...) -> CaptionResult: ...
+
+    async def caption_batch(
+        self, images: Sequence[bytes], deadline: Deadline = ...
+    ) -> list[CaptionResult | ServiceError]:
+        """One result per image, in order: its caption or its own error, the same error a
+        `caption` call of that image alone would raise. Raises when the whole call fails."""
+        ...
 
     async def model_id(self) -> str: ...
 

@@ -6,6 +6,7 @@ status codes become domain errors so the pipeline never handles grpc types.
 """
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,9 +26,18 @@ from services.search.domain import CaptionResult, EmbedderInfo
 from services.search.settings import SearchSettings
 
 
+#: Bytes of images one CaptionBatch call carries at most (below the services' default
+#: 64 MiB receive limit); a larger batch is sent as several calls.
+CAPTION_BATCH_MAX_BYTES = 16 * 1024 * 1024
+_STATUS_OF_NUMBER = {s.value[0]: s for s in grpc.StatusCode}
+
+
 def _domain_error(who: str, e: grpc.aio.AioRpcError) -> ServiceError:
-    message = f"{who}: {e.code().name}: {e.details()}"
-    code = e.code()
+    return _error_of(who, e.code(), f"{e.details()}")
+
+
+def _error_of(who: str, code: grpc.StatusCode, details: str) -> ServiceError:
+    message = f"{who}: {code.name}: {details}"
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidInput(message)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -126,6 +136,58 @@ class CaptionerClient(_UpstreamClient):
             raise _domain_error("captioner", e) from None
         c = reply.caption
         return CaptionResult(c.description, list(c.keywords), c.model_id)
+
+    async def caption_batch(
+        self, images: Sequence[bytes], deadline: Deadline = NO_DEADLINE
+    ) -> list[CaptionResult | ServiceError]:
+        """CaptionBatch calls (at most `CAPTION_BATCH_MAX_BYTES` of images each). A per-item
+        error becomes the error a Caption call of that image would have raised; a batch
+        refused as a whole for a limit of batches (INVALID_ARGUMENT, RESOURCE_EXHAUSTED:
+        too many items, too many bytes) is sent again as Caption calls, so each image gets
+        its own outcome; any other failure of the call raises."""
+        out: list[CaptionResult | ServiceError] = []
+        chunk: list[bytes] = []
+        size = 0
+        for data in images:
+            if chunk and size + len(data) > CAPTION_BATCH_MAX_BYTES:
+                out += await self._caption_batch_call(chunk, deadline)
+                chunk, size = [], 0
+            chunk.append(data)
+            size += len(data)
+        if chunk:
+            out += await self._caption_batch_call(chunk, deadline)
+        return out
+
+    async def _caption_batch_call(
+        self, images: list[bytes], deadline: Deadline
+    ) -> list[CaptionResult | ServiceError]:
+        request = captioner_pb2.CaptionBatchRequest(
+            requests=[captioner_pb2.CaptionRequest(image=types_pb2.Image(data=d)) for d in images])
+        try:
+            reply = await self._stub.CaptionBatch(request, timeout=deadline.cap(self._timeout_s))
+        except grpc.aio.AioRpcError as e:
+            if len(images) > 1 and e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
+                return list(await asyncio.gather(*(self._caption_or_error(d, deadline) for d in images)))
+            raise _domain_error("captioner", e) from None
+        if len(reply.results) != len(images):
+            raise Unavailable(f"captioner: CaptionBatch answered {len(reply.results)} results for {len(images)} images")
+        out: list[CaptionResult | ServiceError] = []
+        for i, result in enumerate(reply.results):
+            if result.WhichOneof("outcome") == "caption":
+                c = result.caption
+                out.append(CaptionResult(c.description, list(c.keywords), c.model_id))
+                continue
+            code = _STATUS_OF_NUMBER.get(result.error.code, grpc.StatusCode.UNKNOWN)
+            message = result.error.message
+            prefix = f"item {i}: "  # services.common.errors.at_index: a single call has none
+            out.append(_error_of("captioner", code, message[len(prefix):] if message.startswith(prefix) else message))
+        return out
+
+    async def _caption_or_error(self, data: bytes, deadline: Deadline) -> CaptionResult | ServiceError:
+        try:
+            return await self.caption(data, deadline)
+        except ServiceError as e:
+            return e
 
     async def model_id(self) -> str:
         try:

@@ -92,15 +92,36 @@ class FakeEmbedder:
 @dataclass
 class FakeCaptioner:
     down: ServiceError | None = None
-    calls: int = 0
+    calls: int = 0  # images captioned (one per `caption`, one per image of a batch)
+    batches: list[int] = field(default_factory=list)  # images per `caption_batch` call
+    # Per image (by its bytes' SHA-256): the error its caption gets; the rest of a batch is captioned.
+    item_errors: dict[str, ServiceError] = field(default_factory=dict)
 
     async def caption(self, image_bytes: bytes, deadline: Deadline = NO_DEADLINE) -> CaptionResult:
         self.calls += 1
         if self.down is not None:
             raise self.down
         deadline.check("the caption was made")
-        tag = hashlib.sha256(image_bytes).hexdigest()[:8]
+        sha = hashlib.sha256(image_bytes).hexdigest()
+        if sha in self.item_errors:
+            raise self.item_errors[sha]
+        tag = sha[:8]
         return CaptionResult(f"a photo {tag}", ["photo", tag], "fake-captioner")
+
+    async def caption_batch(
+        self, images: Sequence[bytes], deadline: Deadline = NO_DEADLINE
+    ) -> list[CaptionResult | ServiceError]:
+        self.batches.append(len(images))
+        if self.down is not None:  # the whole call fails
+            self.calls += len(images)
+            raise self.down
+        out: list[CaptionResult | ServiceError] = []
+        for data in images:
+            try:
+                out.append(await self.caption(data, deadline))
+            except ServiceError as e:
+                out.append(e)
+        return out
 
     async def model_id(self) -> str:
         return "fake-captioner"

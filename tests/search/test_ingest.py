@@ -178,3 +178,52 @@ async def test_items_are_written_to_a_model_changes_other_collection_with_its_ve
     candidate.down = Unavailable("milvus: candidate unavailable")
     out, progress = await ingest(p, [item(i, jpeg(200 + i)) for i in range(3)])
     assert progress.stored == 3 and all(o.status is ItemStatus.STORED for o in out.values())
+
+
+async def test_captions_go_in_bounded_batches_and_per_item_errors_fail_or_defer_that_item_alone() -> None:
+    from services.common.errors import Overloaded
+    from services.search.ingest import CAPTION_BATCH_ITEMS
+
+    p = await bound_ports()
+    bad, busy = jpeg(71), jpeg(72)
+    p.captioner.item_errors = {
+        sha256_hex(bad): InvalidInput("captioner: INVALID_ARGUMENT: image is corrupt or truncated"),
+        sha256_hex(busy): Overloaded("captioner: RESOURCE_EXHAUSTED: too many captions waiting"),
+    }
+    items = [item(i, jpeg(70 + i)) for i in range(12)]
+    out, progress = await ingest(p, items)
+    assert p.captioner.batches and max(p.captioner.batches) <= CAPTION_BATCH_ITEMS
+    assert sum(p.captioner.batches) == 12 and len(p.captioner.batches) < 12, "several images per CaptionBatch"
+    assert out[1].status is ItemStatus.FAILED and out[2].status is ItemStatus.FAILED
+    assert out[1].error.kind is ErrorKind.INVALID_INPUT  # type: ignore[union-attr]
+    assert out[1].error.message == "caption failed: captioner: INVALID_ARGUMENT: image is corrupt or truncated"  # type: ignore[union-attr]
+    assert out[2].error.kind is ErrorKind.OVERLOADED  # type: ignore[union-attr]
+    assert progress.stored == 10 and len(p.store.rows) == 10
+
+    # defer: the throttled item is stored pending; the corrupt one still fails (not a deferrable kind).
+    p = await bound_ports()
+    p.captioner.item_errors = {
+        sha256_hex(bad): InvalidInput("captioner: INVALID_ARGUMENT: image is corrupt or truncated"),
+        sha256_hex(busy): Overloaded("captioner: RESOURCE_EXHAUSTED: too many captions waiting"),
+    }
+    p.settings = p.settings.model_copy(update={"on_caption_failure": "defer"})
+    out, progress = await ingest(p, items)
+    assert out[1].status is ItemStatus.FAILED and out[2].status is ItemStatus.DEFERRED
+    assert progress.stored == 10 and progress.deferred == 1
+
+
+async def test_a_failed_caption_batch_call_fails_or_defers_each_of_its_items() -> None:
+    p = await bound_ports()
+    p.captioner.down = Unavailable("captioner: UNAVAILABLE: connection refused")
+    out, _ = await ingest(p, [item(i, jpeg(90 + i)) for i in range(9)])
+    assert len(out) == 9 and all(o.status is ItemStatus.FAILED for o in out.values())
+    assert all(o.error.message == "caption failed: captioner: UNAVAILABLE: connection refused"  # type: ignore[union-attr]
+               for o in out.values())
+    assert sum(p.captioner.batches) == 9
+
+
+def test_caption_workers_keep_the_images_in_flight_within_caption_concurrency() -> None:
+    from services.search.ingest import caption_batch_items, caption_workers
+
+    for concurrency in (1, 2, 3, 4, 5, 8, 9, 16, 64):
+        assert 1 <= caption_batch_items(concurrency) * caption_workers(concurrency) <= concurrency
