@@ -1,4 +1,6 @@
-"""The local suite: Milvus (optional), embedder, captioner and search as child processes.
+"""The local suite: Milvus (optional), embedder, captioner and search as child processes
+(with both lite backends, the default, one "models" process serves the embedder and the
+captioner: services/models).
 
 `LocalSuite` starts them in dependency order on loopback ports, each one only after
 the previous one reports SERVING, and stops them in reverse order. It is what
@@ -66,6 +68,10 @@ class SuiteConfig:
     milvus_port: int | None = None
     embedder_backend: str | None = None
     captioner_backend: str | None = None
+    # One "models" process (services/models) serving both the Embedder and the Captioner
+    # on the embedder's port, instead of the two: None (default) when both backends are
+    # lite (this config, else `env`, else the environment, else their default, lite).
+    models_process: bool | None = None
     file_root: Path | None = None
     log_level: str | None = None
     start_timeout_s: float = 300.0
@@ -122,7 +128,23 @@ class LocalSuite:
             ports[name] = given if given else (free_port(c.host) if auto else DEFAULT_PORTS[name])
         for name, port in DEFAULT_METRICS_PORTS.items():
             ports[f"{name}_metrics"] = (0 if auto else port) if c.metrics else -1
+        if self.combined_models:  # the models process takes the embedder's ports; both targets point at it
+            ports["models"] = ports["captioner"] = ports["embedder"]
+            ports["models_metrics"] = ports["embedder_metrics"]
         return ports
+
+    @property
+    def combined_models(self) -> bool:
+        """Whether one models process serves both the Embedder and the Captioner."""
+        c = self.config
+        if c.models_process is not None:
+            return c.models_process
+
+        def backend(name: str, given: str | None) -> str:
+            key = f"{name.upper()}_BACKEND"
+            return given or c.env.get(key) or os.environ.get(key) or "lite"
+
+        return backend("embedder", c.embedder_backend) == "lite" and backend("captioner", c.captioner_backend) == "lite"
 
     def address(self, name: str) -> str:
         return f"{self.config.host}:{self._ports[name]}"
@@ -204,11 +226,16 @@ class LocalSuite:
         }
         if c.file_root is not None:
             search_env["SEARCH_URIS__FILE_ROOT"] = str(Path(c.file_root).expanduser().resolve())
-        specs += [
-            self._service_spec("embedder", embedder_env),
-            self._service_spec("captioner", captioner_env),
-            self._service_spec("search", search_env),
-        ]
+        if self.combined_models:
+            # One torch process: it gets every core (no split between two model processes).
+            models_env = {k: v for k, v in {**embedder_env, **captioner_env}.items() if k != "OMP_NUM_THREADS"}
+            specs.append(self._service_spec("models", models_env))
+        else:
+            specs += [
+                self._service_spec("embedder", embedder_env),
+                self._service_spec("captioner", captioner_env),
+            ]
+        specs.append(self._service_spec("search", search_env))
         if c.gateway:
             gateway_env = {
                 **c.env,

@@ -160,10 +160,17 @@ def test_service_specs_wire_ports_milvus_and_backends(tmp_path: Path) -> None:
 
     defaults = LocalSuite(SuiteConfig(data_dir=tmp_path, metrics=False))
     assert defaults.search_address == "127.0.0.1:50050" and defaults.embedder_address == "127.0.0.1:50051"
-    assert defaults.specs[0].env["EMBEDDER_METRICS_PORT"] == "-1"
+    # Both backends lite (the default): one models process serves the embedder and the captioner.
+    assert [s.name for s in defaults.specs] == ["models", "search"]
+    assert defaults.specs[0].argv[-1] == "services.models" and defaults.specs[0].env["MODELS_METRICS_PORT"] == "-1"
+    assert defaults.specs[0].env["MODELS_GRPC_PORT"] == "50051" and defaults.captioner_address == "127.0.0.1:50051"
+    assert defaults.specs[-1].env["SEARCH_EMBEDDER_TARGET"] == defaults.specs[-1].env["SEARCH_CAPTIONER_TARGET"]
+    split = LocalSuite(SuiteConfig(data_dir=tmp_path, metrics=False, models_process=False))
+    assert [s.name for s in split.specs] == ["embedder", "captioner", "search"]
+    assert split.specs[0].env["EMBEDDER_METRICS_PORT"] == "-1" and split.captioner_address == "127.0.0.1:50052"
 
     external = LocalSuite(SuiteConfig(data_dir=tmp_path, milvus_uri="http://10.0.0.9:19530"))
-    assert external.specs[0].name == "embedder"
+    assert external.specs[0].name == "models"
     assert external.specs[-1].env["SEARCH_MILVUS_URI"] == "http://10.0.0.9:19530"
     with pytest.raises(ValueError, match="milvus_uri"):
         SuiteConfig(milvus="external")
@@ -172,11 +179,15 @@ def test_service_specs_wire_ports_milvus_and_backends(tmp_path: Path) -> None:
 def test_model_processes_split_the_cores_unless_the_user_chose(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(8)))
-    env = {s.name: s.env for s in LocalSuite(SuiteConfig(data_dir=tmp_path, ports="auto")).specs}
+    two = SuiteConfig(data_dir=tmp_path, ports="auto", models_process=False)
+    env = {s.name: s.env for s in LocalSuite(two).specs}
     assert env["embedder"]["OMP_NUM_THREADS"] == env["captioner"]["OMP_NUM_THREADS"] == "4"
     assert "OMP_NUM_THREADS" not in env["search"]
-    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0})
+    # One models process (the lite default) is the only torch process: it keeps every core.
     env = {s.name: s.env for s in LocalSuite(SuiteConfig(data_dir=tmp_path, ports="auto")).specs}
+    assert "OMP_NUM_THREADS" not in env["models"]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0})
+    env = {s.name: s.env for s in LocalSuite(two).specs}
     assert env["embedder"]["OMP_NUM_THREADS"] == "1"
     chosen = LocalSuite(SuiteConfig(data_dir=tmp_path, ports="auto", env={"OMP_NUM_THREADS": "3"}))
     assert {s.env["OMP_NUM_THREADS"] for s in chosen.specs} == {"3"}  # the user's value, everywhere
