@@ -17,6 +17,7 @@ from services.search.backfill import Backfiller
 from services.search.binding import EmbedderBinding
 from services.search.catalog import Catalog
 from services.search.engine import SearchEngine
+from services.search.flushing import Flusher
 from services.search.ingest import IngestPipeline
 from services.search.ingest_wire import decode_ingest_request
 from services.search.model_change import ModelChange
@@ -65,6 +66,12 @@ class SearchService:
     def __init__(self, settings: SearchSettings) -> None:
         self.settings = settings
         self.index = IndexVersions(settings)
+        # The flush policy (SEARCH_FLUSH_*): the stores report their writes to it.
+        self.flusher = Flusher(lambda name: self.index.store(name).flush(), settings.flush_min_rows,
+                               settings.flush_idle_s, max_rows=settings.flush_max_rows,
+                               min_interval_s=settings.flush_min_interval_s,
+                               stop_wait_s=settings.milvus_timeout_s)
+        self.index.connection.on_write = self.flusher.wrote
         self.embedder = EmbedderClient(settings)
         # More embedders by model (a model change's candidate): SEARCH_MODEL_EMBEDDERS.
         self.mapped = {model: EmbedderClient(settings, target) for model, target in settings.model_embedders.items()}
@@ -90,6 +97,7 @@ class SearchService:
         # Nothing here waits for an upstream or for Milvus: the server answers at once.
         with contextlib.suppress(ServiceError):
             await self.index.resolve(max_age_s=0)
+        self.flusher.start()
         self._binder = asyncio.create_task(self.binding.bind_forever())
         # An embedder that is up already is bound before the first SERVING (callers that
         # search right after start-up find text search ready); a missing one costs at
@@ -126,6 +134,7 @@ class SearchService:
         for client in (self.embedder, self.captioner, *self.mapped.values()):
             await client.close()
         await self.intake.aclose()
+        await self.flusher.stop()  # drops pending flushes (Milvus keeps the rows), waits for one in flight
         await self.index.close()
 
     def _register(self, server: grpc.aio.Server) -> None:

@@ -28,3 +28,7 @@ INGEST_REPLICA_WRITES = Counter(
 # The admin backfill and the promote / rollback catch-up: items by outcome.
 REINDEX_ITEMS = Counter("search_reindex_items_total", "Items the model change's backfill handled, by outcome.",
                         ["outcome"])
+# Background flushes of collections (services/search/flushing.py), by trigger ("ingest_end",
+# "idle") and outcome ("ok", "failed"); their latency is search_milvus_seconds{op="flush"}.
+MILVUS_FLUSHES = Counter("search_milvus_flushes_total", "Background Milvus flushes by reason and outcome.",
+                         ["reason", "outcome"])

@@ -153,6 +153,8 @@ class MilvusConnection:
         self._client: MilvusClient | None = None
         self._lock = threading.Lock()
         self.pool = ThreadPoolExecutor(max_workers=settings.milvus_threads, thread_name_prefix="milvus")
+        # Told (collection, rows) after each write: the flush policy (services/search/flushing.py).
+        self.on_write: Callable[[str, int], None] | None = None
 
     @property
     def mode(self) -> str:
@@ -495,6 +497,13 @@ class MilvusStore:
             for key, tenant, r in rows
         ]
         await self._call("upsert", lambda c: c.upsert(self.collection, data))
+        if self.connection.on_write is not None:
+            self.connection.on_write(self.collection, len(data))
+
+    async def flush(self) -> None:
+        """Seals the collection's unflushed rows, so searches stop scanning them by brute
+        force (services/search/flushing.py decides when)."""
+        await self._call("flush", lambda c: c.flush(self.collection))
 
     # --- the whole collection, every tenant (the admin's model change) -------------------
 
