@@ -66,7 +66,8 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
         "--no-metrics",
         "--no-gateway",  # the three gRPC services; tests/gateway runs `up` with the gateway
         "--start-timeout", str(START_TIMEOUT_S),
-    ], services=3, log=log, timeout_s=START_TIMEOUT_S * 1.5, env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    ], services=2, log=log, timeout_s=START_TIMEOUT_S * 1.5,  # models (embedder + captioner), search
+        env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     address = f"127.0.0.1:{ports['search']}"
     try:
         with SearchClient(address) as client:
