@@ -91,6 +91,10 @@ class CaptionerSettings(ServerSettings):
     lite_min_keyword_prob: float = Field(default=0.02, ge=0.0, le=1.0)
     # Threads that run the model; >1 only helps with several idle cores.
     lite_threads: int = Field(default=1, ge=1)
+    # What runs EfficientNet-Lite0: "torch", or "onnx" (ONNX Runtime) / "openvino", exported
+    # from the same torch weights at first start and cached in MMSEARCH_CACHE_DIR (same
+    # probabilities: cosine >= 0.9999 with torch).
+    lite_runtime: Literal["torch", "onnx", "openvino"] = "onnx"
 
     @model_validator(mode="after")
     def _check(self) -> CaptionerSettings:

@@ -31,6 +31,11 @@ class LiteSettings(BaseModel):
     # many dimensions (Johnson-Lindenstrauss; the same matrix in every process), then is
     # L2-normalised; the model id gets `-d<dim>`, so its vectors never mix with native ones.
     dim: int | None = Field(default=None, ge=1, le=4096)
+    # What runs the two networks on the CPU: "torch", or "onnx" (ONNX Runtime) / "openvino",
+    # exported from the same torch weights at first start and cached in cache_dir (same
+    # vectors: cosine >= 0.9999 with torch, same model id). EMBEDDER_TORCH_THREADS sets their
+    # intra-op threads too. On a CUDA device the models run in torch whatever this says.
+    runtime: Literal["torch", "onnx", "openvino"] = "onnx"
 
     @property
     def resolved_cache_dir(self) -> Path:

