@@ -48,6 +48,12 @@ class _Collection:
     last_write: float = 0.0
     last_flush: float = float("-inf")  # when the last successful flush started
     requested: str | None = None  # INGEST_END or MAX_ROWS: flush as soon as the interval allows
+    in_flight: int = 0  # rows the running flush covers (still counted in `unflushed`)
+
+    @property
+    def waiting(self) -> int:
+        """Unflushed rows no flush is covering yet."""
+        return self.unflushed - self.in_flight
     retry_at: float = float("-inf")
     failures: int = 0
 
@@ -90,7 +96,7 @@ class Flusher:
         state.unflushed += rows
         state.last_write = time.monotonic()
         state.failures = 0
-        if 0 < self.max_rows <= state.unflushed and state.requested is None:
+        if 0 < self.max_rows <= state.waiting and state.requested is None:
             state.requested = MAX_ROWS
             self._wake.set()
         elif self.idle_s > 0:
@@ -101,7 +107,7 @@ class Flusher:
         if self.min_rows <= 0:
             return
         for state in self._state.values():
-            if state.unflushed >= self.min_rows:
+            if state.waiting >= self.min_rows:
                 state.requested = INGEST_END
                 self._wake.set()
 
@@ -173,9 +179,11 @@ class Flusher:
         s = self._state[name]
         rows, s.requested = s.unflushed, None
         started = time.monotonic()
+        s.in_flight = rows
         try:
             await self._flush(name)
         except Exception as e:  # noqa: BLE001 - a failed flush is retried; it never fails a caller
+            s.in_flight = 0
             s.failures += 1
             s.retry_at = time.monotonic() + self.retry_s
             s.requested = s.requested or (reason if reason != IDLE else None)
@@ -185,7 +193,7 @@ class Flusher:
                         collection=name, reason=reason, rows=rows, attempt=s.failures,
                         retry_in_s=None if give_up else self.retry_s, error=getattr(e, "message", None) or repr(e))
             return
-        s.unflushed = max(0, s.unflushed - rows)  # rows written during the flush stay counted
+        s.unflushed, s.in_flight = max(0, s.unflushed - rows), 0  # rows written during the flush stay counted
         s.last_flush, s.failures, s.retry_at = started, 0, float("-inf")
         MILVUS_FLUSHES.labels(reason, "ok").inc()
         log.info("Milvus collection flushed", collection=name, reason=reason, rows=rows,

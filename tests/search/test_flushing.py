@@ -163,6 +163,22 @@ async def test_a_long_stream_is_flushed_every_max_rows_while_it_writes(store: Mi
         await f.stop()
 
 
+async def test_rows_a_running_flush_covers_do_not_trigger_another(store: MilvusStore) -> None:
+    rec = Recorder(store, delay_s=0.4)
+    f = flusher_on(store, rec, min_rows=10, max_rows=20)
+    try:
+        await write(store, 20)
+        await until(lambda: rec.active == 1)
+        await write(store, 8)  # 28 unflushed, 20 of them being flushed: no second max_rows flush
+        await until(lambda: rec.active == 0)
+        await asyncio.sleep(0.3)
+        assert len(rec.calls) == 1 and f.unflushed(store.collection) == 8
+        await write(store, 12)  # 20 not covered by any flush: the next one
+        await until(lambda: len(rec.calls) == 2)
+    finally:
+        await f.stop()
+
+
 async def test_concurrent_triggers_coalesce_one_flush_at_a_time(store: MilvusStore) -> None:
     rec = Recorder(store, delay_s=0.3)
     f = flusher_on(store, rec, min_rows=5)
