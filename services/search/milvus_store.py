@@ -532,6 +532,12 @@ class MilvusStore:
         rows = await self._call("get", lambda c: c.get(self.collection, ids=list(keys), output_fields=fields))
         return {r["id"]: r for r in rows}
 
+    async def fingerprints_by_key(self, keys: Sequence[str]) -> dict[str, str]:
+        """Stored key -> fingerprint (all tenants), for the keys that exist."""
+        await self.require()
+        rows = await self._call("get", lambda c: c.get(self.collection, ids=list(keys), output_fields=["fingerprint"]))
+        return {r["id"]: r["fingerprint"] for r in rows}
+
     async def upsert_keyed(self, rows: Sequence[tuple[str, str, StoredRow]]) -> None:
         """Writes rows under their stored keys and tenants (StoredRow.id is ignored)."""
         info = await self.require()

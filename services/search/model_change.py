@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import time
+from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -41,6 +43,7 @@ from services.search.settings import SearchSettings
 from services.search.versions import CANDIDATE, PREVIOUS, IndexVersions, Version
 
 log = get_logger(__name__)
+_IN_FLIGHT = 2
 
 
 class CopyStatus(str, Enum):
@@ -118,6 +121,8 @@ class ModelChange:
         self.binding = binding
         self.intake = intake
         self.originals = originals
+        # Busy seconds per stage of the copies (summed over chunks in flight), logged at the end.
+        self.stage_s: dict[str, float] = defaultdict(float)
 
     @contextlib.asynccontextmanager
     async def _exclusive(self, what: str) -> AsyncIterator[None]:
@@ -205,28 +210,47 @@ class ModelChange:
         yield [], progress
         pacer = Pacer(rate)
         done = 0
-        for chunk in _chunks(keys, max(1, self.settings.embed_batch_items)):
-            if max_items and done >= max_items:
-                break
-            outcomes = await self._copy_chunk(src, dst, embedder, dst_info.model_id, chunk, pacer)
-            for o in outcomes:
-                REINDEX_ITEMS.labels(o.status.value).inc()
-                if o.status is CopyStatus.COPIED:
-                    progress.copied += 1
-                elif o.status is CopyStatus.SKIPPED:
-                    progress.skipped += 1
-                else:
-                    progress.failed += 1
-            done += sum(o.status is not CopyStatus.SKIPPED for o in outcomes)
-            yield outcomes, progress
+        chunks = _chunks(keys, max(1, self.settings.embed_batch_items))
+        # Two chunks in flight, like the ingest pipeline's two Embed calls: one is read from
+        # Milvus and the original store while the other is embedded, so neither waits.
+        window: deque[asyncio.Task[list[CopyOutcome]]] = deque()
+
+        def launch() -> None:
+            chunk = next(chunks, None)
+            if chunk is not None:
+                window.append(asyncio.create_task(
+                    self._copy_chunk(src, dst, embedder, dst_info.model_id, chunk, pacer)))
+
+        for _ in range(_IN_FLIGHT):
+            launch()
+        try:
+            while window:
+                outcomes = await window.popleft()
+                for o in outcomes:
+                    REINDEX_ITEMS.labels(o.status.value).inc()
+                    if o.status is CopyStatus.COPIED:
+                        progress.copied += 1
+                    elif o.status is CopyStatus.SKIPPED:
+                        progress.skipped += 1
+                    else:
+                        progress.failed += 1
+                done += sum(o.status is not CopyStatus.SKIPPED for o in outcomes)
+                if not max_items or done < max_items:
+                    launch()
+                yield outcomes, progress
+        finally:
+            for task in window:  # the caller went away: stop what is in flight
+                task.cancel()
         log.info("model-change copy done", target=dst.collection, copied=progress.copied, skipped=progress.skipped,
-                 failed=progress.failed)
+                 failed=progress.failed, busy_s={k: round(v, 3) for k, v in self.stage_s.items()})
 
     async def _copy_chunk(
         self, src: MilvusStore, dst: MilvusStore, embedder: Embedder, model: str, keys: Sequence[str], pacer: Pacer,
     ) -> list[CopyOutcome]:
+        t0 = time.perf_counter()
         rows = await src.rows_by_key(keys)
-        have = await dst.rows_by_key(keys)
+        have = await dst.fingerprints_by_key(keys)
+        self.stage_s["read rows"] += time.perf_counter() - t0
         outcomes: dict[str, CopyOutcome] = {}
         todo: list[_Todo] = []
         for key in keys:
@@ -235,7 +259,7 @@ class ModelChange:
                 outcomes[key] = CopyOutcome(key, CopyStatus.SKIPPED)
                 continue
             fingerprint = expected_fingerprint(row, model)
-            if have.get(key, {}).get("fingerprint") == fingerprint:
+            if have.get(key) == fingerprint:
                 outcomes[key] = CopyOutcome(key, CopyStatus.SKIPPED)
             else:
                 todo.append(_Todo(key, row, fingerprint))
@@ -249,7 +273,9 @@ class ModelChange:
                 except ServiceError as e:
                     t.error = e
 
+        t0 = time.perf_counter()
         await asyncio.gather(*(read(t) for t in todo))
+        self.stage_s["read images"] += time.perf_counter() - t0
         ready = [t for t in todo if t.error is None]
         await self._embed_and_write(dst, embedder, model, ready)
         for t in todo:
@@ -262,9 +288,13 @@ class ModelChange:
         if not batch:
             return
         try:
+            t0 = time.perf_counter()
             vectors = await self._embed(embedder, model, batch)
+            t1 = time.perf_counter()
             await dst.upsert_keyed([(t.key, _tenant_of(t.key, t.row), _row(t, model, v))
                                     for t, v in zip(batch, vectors, strict=True)])
+            self.stage_s["embed"] += t1 - t0
+            self.stage_s["write"] += time.perf_counter() - t1
         except ServiceError as e:
             if len(batch) > 1 and isinstance(e, InvalidInput):
                 for t in batch:

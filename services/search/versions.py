@@ -183,9 +183,8 @@ class IndexVersions:
             if v.role == CANDIDATE:
                 raise FailedPrecondition(f"{v.name!r} is already the candidate (model {v.model_id!r}): promote it "
                                          "or drop it first")
-        live_info = await self.store(live).require()
-        if live_info.model_id == model_id:
-            raise FailedPrecondition(f"the live collection {live!r} is already built by {model_id!r}")
+        # The same model is allowed: a new version with today's schema settings (a schema
+        # migration), filled by the same backfill.
         if live == self.index:  # from before versions: put it behind the alias first
             await self._put_behind_alias()
         number = max(v.version for v in versions) + 1

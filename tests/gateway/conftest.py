@@ -83,7 +83,7 @@ def gateway_suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayS
         "--file-root", str(demo_dir), "--no-metrics", "--start-timeout", str(START_TIMEOUT_S),
         "--search-port", str(ports["search"]), "--embedder-port", str(ports["embedder"]),
         "--captioner-port", str(ports["captioner"]), "--http-port", str(ports["http"]),
-    ], services=4, log=log, timeout_s=START_TIMEOUT_S, env=env)  # embedder, captioner, search, gateway
+    ], services=3, log=log, timeout_s=START_TIMEOUT_S, env=env)  # models (embedder + captioner), search, gateway
     try:
         assert state["gateway_url"] == f"http://127.0.0.1:{ports['http']}/"
         suite = GatewaySuite(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -27,8 +28,10 @@ import grpc
 import pytest
 import pytest_asyncio
 from pymilvus import MilvusClient
+from typer.testing import CliRunner
 
 from mmsearch.admin.v1 import admin_pb2, admin_pb2_grpc
+from mmsearch.cli.main import app as cli_app
 from mmsearch.common.v1 import types_pb2
 from mmsearch.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from mmsearch.search.v1 import search_pb2, search_pb2_grpc
@@ -123,6 +126,12 @@ def _by_role(collections: dict[str, admin_pb2.CollectionInfo], role: int) -> adm
     found = [c for c in collections.values() if c.role == role]
     assert len(found) == 1, collections
     return found[0]
+
+
+def _cli(suite: Suite, *args: str) -> dict:
+    result = CliRunner().invoke(cli_app, ["--address", suite.search.address, "--timeout", "300", "index", *args])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
 
 
 @dataclass
@@ -280,14 +289,17 @@ async def test_promote_and_rollback_under_continuous_search(ingested: Suite) -> 
 
 async def test_a_model_of_another_dimension_and_what_may_be_dropped(ingested: Suite) -> None:
     s = ingested
+    # Through the CLI this time (`mmsearch index ...` against the real Admin service).
+    created = _cli(s, "create", "--model", s.models["C"], "--json")
+    assert created["dimension"] == 128 and created["version"] == 3 and created["role"] == "candidate"
+    # No backfill: promote's catch-up pass copies every item itself before the swap.
+    switched = _cli(s, "promote", "--json")
+    assert switched["caught_up"] == N + 30 and switched["live"]["name"] == f"{s.index}__v3"
+    listed = _cli(s, "list", "--json")
+    assert {c["name"]: c["role"] for c in listed["collections"]} == {
+        f"{s.index}__v1": "previous", f"{s.index}__v2": "retired", f"{s.index}__v3": "live"}
     async with s.channel() as channel:
         admin = admin_pb2_grpc.AdminStub(channel)
-        created = await admin.CreateCandidate(admin_pb2.CreateCandidateRequest(embedder_model_id=s.models["C"]),
-                                              timeout=60)
-        assert created.candidate.dimension == 128 and created.candidate.version == 3
-        # No backfill: promote's catch-up pass copies every item itself before the swap.
-        switched = await admin.Promote(admin_pb2.PromoteRequest(), timeout=300)
-        assert switched.caught_up == N + 30 and switched.live.name == f"{s.index}__v3"
         collections = await _collections(s)
         live = _by_role(collections, admin_pb2.ROLE_LIVE)
         assert (live.embedder_model_id, live.dimension, live.item_count) == (s.models["C"], 128, N + 30)
@@ -306,3 +318,8 @@ async def test_a_model_of_another_dimension_and_what_may_be_dropped(ingested: Su
         assert retired.name == f"{s.index}__v2"
         await admin.DropCollection(admin_pb2.DropCollectionRequest(name=retired.name), timeout=60)
         assert retired.name not in await _collections(s)
+        # A candidate for the live model itself: a new version with today's schema (a schema migration).
+        same = await admin.CreateCandidate(admin_pb2.CreateCandidateRequest(embedder_model_id=s.models["C"]),
+                                           timeout=60)
+        assert same.candidate.version == 4 and same.candidate.embedder_model_id == s.models["C"]
+        await admin.DropCollection(admin_pb2.DropCollectionRequest(name=same.candidate.name), timeout=60)
