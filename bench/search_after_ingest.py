@@ -6,8 +6,9 @@ they are flushed. This ingests `--sizes` items (cumulative: 1,600, then up to 20
 through the real suite, measures Search right after each Ingest stream ends (the moment
 users hit: windows of seconds after the end), then restarts the search process on the
 same Milvus data and measures again (the settled baseline). Both arms run in one
-invocation, alternating, each on its own suite: `on` (the SEARCH_FLUSH_* defaults) and
-`off` (SEARCH_FLUSH_MIN_ROWS, _IDLE_S and _MAX_ROWS 0: Milvus alone decides).
+invocation, alternating, each on its own suite: `on` (the SEARCH_FLUSH_* defaults),
+`nomax` (SEARCH_FLUSH_MAX_ROWS=0: no flush while a stream writes) and `off`
+(SEARCH_FLUSH_MIN_ROWS, _IDLE_S and _MAX_ROWS 0: Milvus alone decides).
 
 To make 20,000 ingests cheap, the embedder runs its DashScope backend against the local
 DashScope-protocol fake of the tests (tests/embedder/dashscope_fake.py: deterministic
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -36,8 +38,32 @@ import bench.common as C
 KEY = "bench-key"
 
 
+ARMS = {
+    "on": {},  # the defaults
+    "nomax": {"SEARCH_FLUSH_MAX_ROWS": "0"},  # stream end and idle only: no flush while a stream writes
+    "off": {"SEARCH_FLUSH_MIN_ROWS": "0", "SEARCH_FLUSH_IDLE_S": "0", "SEARCH_FLUSH_MAX_ROWS": "0"},
+}
+
+
 def arm_env(arm: str) -> dict[str, str]:
-    return {} if arm == "on" else {"SEARCH_FLUSH_MIN_ROWS": "0", "SEARCH_FLUSH_IDLE_S": "0", "SEARCH_FLUSH_MAX_ROWS": "0"}
+    return {"SEARCH_LOG_LEVEL": "INFO", **ARMS[arm]}
+
+
+def flush_log(suite: C.Suite) -> list[str]:
+    """The search process' "flushed" log lines (reason, rows, seconds)."""
+    import json
+
+    log = suite.workdir / f"{suite.search.spec.name}.log"
+    out = []
+    for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
+        if "Milvus collection flushed" in line or "Milvus flush failed" in line:
+            try:
+                e = json.loads(line[line.index("{"):])
+                out.append(f"{e.get('timestamp', '')[11:19]} {e.get('reason')} rows={e.get('rows')} "
+                           f"{e.get('seconds')} s")
+            except ValueError:
+                out.append(line[-160:])
+    return out
 
 
 async def measure(stub: Any, windows: list[float], dim: int, seed: int) -> list[dict[str, Any]]:
@@ -48,7 +74,7 @@ async def measure(stub: Any, windows: list[float], dim: int, seed: int) -> list[
 
     rng = np.random.default_rng(seed)
     start = time.perf_counter()
-    out = [{"from": a, "to": b, "vector": [], "text": []} for a, b in zip(windows, windows[1:], strict=False)]
+    out = [{"from": a, "to": b, "vector": [], "text": []} for a, b in itertools.pairwise(windows)]
     i = 0
     while (now := time.perf_counter() - start) < windows[-1]:
         if i % 2 == 0:
@@ -109,11 +135,13 @@ async def run_arm(arm: str, args: argparse.Namespace, rows: list[list[Any]]) -> 
 
     fake = FakeDashScope(KEY, dimension=args.dim).start()
     suite = C.Suite(
-        milvus=args.milvus, with_captioner=False, search_metrics=True, search_env=arm_env(arm),
+        milvus=args.milvus, with_captioner=False, search_metrics=True,
+        search_env={**arm_env(arm), **({"SEARCH_INDEX_TYPE": args.index} if args.index else {})},
         embedder_env={"EMBEDDER_BACKEND": "dashscope", "EMBEDDER_DASHSCOPE__API_KEY": KEY,
                       "EMBEDDER_DASHSCOPE__BASE_URL": fake.base_url, "EMBEDDER_DASHSCOPE__DIMENSION": str(args.dim),
                       "EMBEDDER_DASHSCOPE__MAX_CONCURRENT_CALLS": "16"})
     windows = [float(w) for w in args.windows.split(",")]
+    label = f"{arm} ({args.index})" if args.index else arm
     try:
         await suite.start()
         total = 0
@@ -121,10 +149,14 @@ async def run_arm(arm: str, args: argparse.Namespace, rows: list[list[Any]]) -> 
             async with grpc.aio.insecure_channel(suite.search.address, options=C.CLIENT_OPTIONS) as ch:
                 stub = search_pb2_grpc.SearchStub(ch)
                 took, counts = await ingest(stub, total, size - total, args.max_side)
+                ended = time.strftime("%H:%M:%S", time.gmtime())
                 total = size
                 after = await measure(stub, windows, args.dim, seed=size)
                 flushed = flushes(suite)
-            print(f"  {arm}: ingested {size} ({counts}) in {took:.1f} s; flushes {flushed}", flush=True)
+            print(f"  {arm}: ingested {size} ({counts}) in {took:.1f} s, stream ended {ended} UTC; "
+                  f"flushes {flushed}", flush=True)
+            for line in flush_log(suite):
+                print(f"    {line}", flush=True)
             restart_s = await restart(suite, args.grace_s)
             async with grpc.aio.insecure_channel(suite.search.address, options=C.CLIENT_OPTIONS) as ch:
                 base = await measure(search_pb2_grpc.SearchStub(ch), [0, args.baseline_s], args.dim, seed=size + 1)
@@ -132,10 +164,10 @@ async def run_arm(arm: str, args: argparse.Namespace, rows: list[list[Any]]) -> 
             for w in after:
                 for mode in ("vector", "text"):
                     p50, p95 = C.pct(w[mode], 50) * 1000, C.pct(w[mode], 95) * 1000
-                    rows.append([args.milvus, arm, size, mode, f"{w['from']:g}-{w['to']:g} s", len(w[mode]), p50, p95,
+                    rows.append([args.milvus, label, size, mode, f"{w['from']:g}-{w['to']:g} s", len(w[mode]), p50, p95,
                                  base_p50[mode], p50 / base_p50[mode], flushed])
             for mode in ("vector", "text"):
-                rows.append([args.milvus, arm, size, mode, f"after restart ({restart_s:.0f} s)", len(base[0][mode]),
+                rows.append([args.milvus, label, size, mode, f"after restart ({restart_s:.0f} s)", len(base[0][mode]),
                              base_p50[mode], C.pct(base[0][mode], 95) * 1000, base_p50[mode], 1.0, ""])
             print(C.table(HEADERS, rows[-(2 * len(after) + 2):]), flush=True)
     finally:
@@ -155,6 +187,7 @@ async def main() -> None:
     ap.add_argument("--windows", default="0,5,15,30,60",
                     help="seconds after the stream ends bounding the measurement windows")
     ap.add_argument("--baseline-s", type=float, default=15.0, help="seconds of searches after the restart")
+    ap.add_argument("--index", default="", help="SEARCH_INDEX_TYPE for the collection (default: the service's, HNSW)")
     ap.add_argument("--dim", type=int, default=384, help="vector dimension (the lite embedder's 384)")
     ap.add_argument("--max-side", type=int, default=48, help="side of the synthetic JPEGs")
     ap.add_argument("--grace-s", type=float, default=300.0, help="stop grace of the search process on restart")

@@ -22,8 +22,8 @@ from services.search.flushing import Flusher
 from services.search.metrics import MILVUS_FLUSHES
 from services.search.milvus_store import LegQuery, MilvusStore, SearchOptions, StoredRow
 from services.search.settings import SearchSettings
-from tests.search.test_ingest import ingest, item
 from tests.search.fakes import bound_ports, jpeg
+from tests.search.test_ingest import ingest, item
 
 DIM = 4
 
