@@ -56,5 +56,5 @@ def test_demo_script_runs_the_main_job(tmp_path: Path) -> None:
             assert png.format == "PNG" and png.size[0] >= 600 and png.size[1] >= 600
     assert (out / "index.html").exists() and str(out / "sheets") in logs.replace("\n", "")
     assert not (out / "var" / "suite.json").exists()
-    assert {p.stem for p in (out / "var" / "logs").glob("*.log")} == {"embedder", "captioner", "search"}
+    assert {p.stem for p in (out / "var" / "logs").glob("*.log")} == {"models", "search"}  # the laptop shape
     assert _processes_mentioning(str(out)) == []  # the suite it started is gone

@@ -126,8 +126,13 @@ def manifest_queries() -> tuple[list[Query], dict[str, set[str]]]:
 # --- what the services export ---------------------------------------------------------------
 
 def metrics_port(suite: RealSuite, name: str) -> int:
-    """The bound /metrics port, from the service's own start-up log line."""
-    for line in (suite.data_dir / "logs" / f"{name}.log").read_text().splitlines():
+    """The bound /metrics port, from the service's own start-up log line. In the local
+    suite's laptop shape one "models" process serves the embedder and the captioner (and
+    exports both services' metrics); Kubernetes runs them apart."""
+    log = suite.data_dir / "logs" / f"{name}.log"
+    if not log.exists() and name in ("embedder", "captioner"):
+        log = suite.data_dir / "logs" / "models.log"
+    for line in log.read_text().splitlines():
         try:
             record = json.loads(line)
         except ValueError:
