@@ -5,7 +5,7 @@ Each round starts the suite twice, alternating: once as shipped (decodes shrink 
 the model needs, a process-wide pixel budget bounds concurrent large decodes, freed
 buffers go back to the OS) and once as the baseline with all three off
 (`IMAGES__REDUCE_ON_DECODE=false`, `IMAGES__MAX_DECODING_PIXELS=0`,
-`RETURN_FREED_MEMORY=false`: full-size decodes, as before). Phases, one after the
+`RETURN_FREED_MEMORY=false`, and `SEARCH_DECODE_ON_INGEST=true`: full-size decodes, as before). Phases, one after the
 other: 16 concurrent Embed calls to the embedder, 16 concurrent Caption calls to the
 captioner, 16 concurrent one-item Ingest calls to search (which also embed). A sampler
 thread reads every process' RSS every 5 ms; the table shows the peak over idle.
@@ -37,7 +37,9 @@ from mmsearch.search.v1 import search_pb2_grpc
 
 VARIANTS = {
     "reduced": {},
-    "full": {"IMAGES__REDUCE_ON_DECODE": "false", "IMAGES__MAX_DECODING_PIXELS": "0", "RETURN_FREED_MEMORY": "false"},
+    # DECODE_ON_INGEST: search decoded every ingested image before issue 13 (only search reads it).
+    "full": {"IMAGES__REDUCE_ON_DECODE": "false", "IMAGES__MAX_DECODING_PIXELS": "0", "RETURN_FREED_MEMORY": "false",
+             "DECODE_ON_INGEST": "true"},
 }
 PHASES = ("embedder", "captioner", "search")
 

@@ -2,8 +2,8 @@
 same images, in the same run.
 
 Stages alone (each with the concurrency / batching the pipeline itself uses):
-  decode   decode + validate + SHA-256 in `SEARCH_DECODE_WORKERS` threads (the same function
-           the pipeline runs), in this process;
+  decode   header check (decode too with SEARCH_DECODE_ON_INGEST) + SHA-256 in
+           `SEARCH_DECODE_WORKERS` threads (the function the pipeline runs), in this process;
   caption  Captioner.Caption RPCs, `SEARCH_CAPTION_CONCURRENCY` in flight;
   embed    Embedder.Embed RPCs of `SEARCH_EMBED_BATCH_ITEMS` images + their caption texts,
            2 in flight (as the pipeline sends them);
@@ -48,19 +48,39 @@ from mmsearch.captioner.v1 import captioner_pb2, captioner_pb2_grpc
 from mmsearch.common.v1 import types_pb2
 from mmsearch.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from mmsearch.search.v1 import search_pb2_grpc
+from services.common.intake import ImageIntake
 from services.search.ingest import caption_text
 from services.search.settings import SearchSettings
 from services.search.upstreams import CaptionResult
 
 
 def stage_decode(jpegs: list[bytes], s: SearchSettings) -> float:
-    from services.common.images import decode_image
+    from services.search.ingest import _inspect
 
+    intake = ImageIntake(s.images, s.uris)
     with ThreadPoolExecutor(s.decode_workers) as pool:
-        list(pool.map(lambda d: decode_image(d, s.images).sha256, jpegs[:8]))  # warm-up
+        list(pool.map(lambda d: _inspect(d, intake, s.decode_on_ingest), jpegs[:8]))  # warm-up
         t = time.perf_counter()
-        list(pool.map(lambda d: decode_image(d, s.images).sha256, jpegs))
+        list(pool.map(lambda d: _inspect(d, intake, s.decode_on_ingest), jpegs))
         return len(jpegs) / (time.perf_counter() - t)
+
+
+def decode_variants(jpegs: list[bytes], s: SearchSettings, rounds: int = 3) -> list[list[Any]]:
+    """Search's own image check, CPU ms per item: the header check it ships with against
+    the decode it did before issue 13 (SEARCH_DECODE_ON_INGEST=true), alternating rounds,
+    one thread (process CPU time, so other load on the box does not count)."""
+    from services.search.ingest import _inspect
+
+    intake = ImageIntake(s.images, s.uris)
+    cpu: dict[bool, list[float]] = {False: [], True: []}
+    for r in range(rounds):
+        for decode in ((False, True) if r % 2 == 0 else (True, False)):
+            t = time.process_time()
+            for d in jpegs:
+                _inspect(d, intake, decode)
+            cpu[decode].append((time.process_time() - t) / len(jpegs) * 1000)
+    header, full = float(np.median(cpu[False])), float(np.median(cpu[True]))
+    return [["header check (shipped)", header, header / full], ["decode at 1/8 scale (before)", full, 1.0]]
 
 
 async def stage_caption(address: str, jpegs: list[bytes], s: SearchSettings) -> tuple[float, list[CaptionResult]]:
@@ -209,7 +229,7 @@ async def run(milvus: str, args: argparse.Namespace) -> tuple[list[list[Any]], l
                         for k in args.compare}
             seed = 10
             for r in range(args.repeat):
-                got: dict[str, tuple[float, float, float]] = {}
+                got: dict[str, tuple[float, float, float, float]] = {}
                 for which in (("A", "B") if r % 2 == 0 else ("B", "A")):
                     await suite.restart_search(base_env if which == "A" else args.compare)
                     pids["search"] = suite.search.pid
@@ -219,10 +239,11 @@ async def run(milvus: str, args: argparse.Namespace) -> tuple[list[list[Any]], l
                         c0 = stage_seconds(suite.metrics_port)["embed_calls"]
                         res = await e2e(search_pb2_grpc.SearchStub(channel), C.ingest_requests(imgs), pids)
                         n_calls = stage_seconds(suite.metrics_port)["embed_calls"] - c0
-                    got[which] = (res[0], len(imgs) / max(n_calls, 1), sum(res[2][k] for k in pids) / len(imgs))
-                ab_rows.append([milvus, r + 1, got["A"][0], got["A"][1], got["A"][2], got["B"][0], got["B"][1],
-                                got["B"][2], got["A"][0] / got["B"][0]])
-            ab_rows.append([milvus, "median", *[float(np.median([row[i] for row in ab_rows])) for i in range(2, 9)]])
+                    got[which] = (res[0], len(imgs) / max(n_calls, 1), sum(res[2][k] for k in pids) / len(imgs),
+                                  res[2]["search"] / len(imgs) * 1000)
+                ab_rows.append([milvus, r + 1, *got["A"], *got["B"], got["A"][0] / got["B"][0],
+                                got["A"][3] / got["B"][3]])
+            ab_rows.append([milvus, "median", *[float(np.median([row[i] for row in ab_rows])) for i in range(2, 12)]])
             ab_title = f"A/B: A = {' '.join(f'{k}={v}' for k, v in base_env.items())} (current), B = {label}"
         slowest = min(stages, key=lambda k: stages[k])
         no_overlap = 1 / sum(1 / v for v in stages.values())
@@ -261,9 +282,11 @@ async def run(milvus: str, args: argparse.Namespace) -> tuple[list[list[Any]], l
     if remote is not None:
         remote.close()
     if args.compare:
-        C.print_table(f"{ab_title}, {args.images} images per run (items/s, items per Embed call, CPU s/item)",
-                      ["milvus", "round", "A items/s", "A items/call", "A CPU s/item", "B items/s", "B items/call",
-                       "B CPU s/item", "A / B items/s"], ab_rows)
+        C.print_table(f"{ab_title}, {args.images} images per run (items/s, items per Embed call, CPU s/item of all"
+                      " processes, CPU ms/item of the search process)",
+                      ["milvus", "round", "A items/s", "A items/call", "A CPU s/item", "A search CPU ms/item",
+                       "B items/s", "B items/call", "B CPU s/item", "B search CPU ms/item", "A / B items/s",
+                       "A / B search CPU"], ab_rows)
     return rows, where, cpu_rows
 
 
@@ -305,6 +328,10 @@ def main() -> None:
     C.print_table("CPU seconds per process during the end-to-end run", [
         "milvus", "process", "CPU s", "cores busy (with captioner)", "cores busy (caller captions)"], cpu)
     print("\nbusy / wall > 1 means the stage had several calls in flight at once.")
+    jpegs = C.sample_jpegs(args.images, max_side=args.max_side)
+    C.print_table(f"Search's own image check, {len(jpegs)} images, one thread (CPU ms per item, median of 3 "
+                  "alternating rounds)", ["check", "CPU ms/item", "ratio to the decode"],
+                  decode_variants(jpegs, SearchSettings()))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Model change without downtime (issue 18), the Kubernetes side: the optional component
 components/candidate-embedder (a second embedder for the candidate model) as the
 production overlay shows it (a commented line), rendered on and off, and the original
-store search keeps in the Milvus release's MinIO (docs/runbook-model-change.md)."""
+store search keeps in the Milvus release's MinIO (docs/operations.md, "Change the embedding model")."""
 from __future__ import annotations
 
 import re
