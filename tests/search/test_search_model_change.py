@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import time
 import uuid
@@ -51,6 +52,7 @@ class Suite:
     embedders: dict[str, ServiceProcess]  # "A", "B", "C"
     models: dict[str, str]  # "A" -> model id
     index: str
+    originals: Path
     images: list[bytes] = field(default_factory=list)
 
     def channel(self) -> grpc.aio.Channel:
@@ -94,15 +96,16 @@ def suite(milvus_server: MilvusLiteServer, tmp_path_factory: pytest.TempPathFact
     models = {name: _model_of(p.address) for name, p in embedders.items()}
     assert len(set(models.values())) == 3, models
     index = f"mc_{uuid.uuid4().hex[:8]}"
+    originals = tmp_path_factory.mktemp("originals")
     search = ServiceProcess("search", {
         "SEARCH_MILVUS_URI": milvus_server.uri, "SEARCH_COLLECTION": index, "SEARCH_INDEX_TYPE": "FLAT",
         "SEARCH_EMBEDDER_TARGET": embedders["A"].address, "SEARCH_CAPTIONER_TARGET": "127.0.0.1:9",
         "SEARCH_MODEL_EMBEDDERS": f"{models['B']}={embedders['B'].address},{models['C']}={embedders['C'].address}",
-        "SEARCH_ORIGINALS__DIR": str(tmp_path_factory.mktemp("originals")), "SEARCH_LOG_LEVEL": "WARNING",
+        "SEARCH_ORIGINALS__DIR": str(originals), "SEARCH_LOG_LEVEL": "WARNING",
     }, logs)
     search.start()
     search.wait_ready(120)
-    yield Suite(milvus_server, search, embedders, models, index)
+    yield Suite(milvus_server, search, embedders, models, index, originals)
     search.stop()
     for p in embedders.values():
         p.stop()
@@ -292,9 +295,20 @@ async def test_a_model_of_another_dimension_and_what_may_be_dropped(ingested: Su
     # Through the CLI this time (`mmsearch index ...` against the real Admin service).
     created = _cli(s, "create", "--model", s.models["C"], "--json")
     assert created["dimension"] == 128 and created["version"] == 3 and created["role"] == "candidate"
-    # No backfill: promote's catch-up pass copies every item itself before the swap.
-    switched = _cli(s, "promote", "--json")
-    assert switched["caught_up"] == N + 30 and switched["live"]["name"] == f"{s.index}__v3"
+    # One item's original is lost (inline bytes, no URI): it cannot be re-embedded.
+    lost = hashlib.sha256(s.images[0]).hexdigest()
+    (path,) = s.originals.rglob(f"{lost}*")
+    path.unlink()
+    # No backfill: promote's catch-up pass copies every other item itself, then the counts
+    # differ by the lost one: refused with both counts, nothing changes...
+    refused = CliRunner().invoke(cli_app, ["--address", s.search.address, "--timeout", "300", "index", "promote"])
+    assert refused.exit_code == 1
+    assert f"holds {N + 29} items" in refused.output and f"{N + 30}" in refused.output, refused.output
+    assert _by_role(await _collections(s), admin_pb2.ROLE_LIVE).name == f"{s.index}__v1"
+    # ... until the operator forces it (the lost item stays in the old collection).
+    switched = _cli(s, "promote", "--force", "--json")
+    assert switched["caught_up"] == 0 and switched["live"]["name"] == f"{s.index}__v3"
+    assert switched["live"]["item_count"] == N + 29
     listed = _cli(s, "list", "--json")
     assert {c["name"]: c["role"] for c in listed["collections"]} == {
         f"{s.index}__v1": "previous", f"{s.index}__v2": "retired", f"{s.index}__v3": "live"}
@@ -302,7 +316,7 @@ async def test_a_model_of_another_dimension_and_what_may_be_dropped(ingested: Su
         admin = admin_pb2_grpc.AdminStub(channel)
         collections = await _collections(s)
         live = _by_role(collections, admin_pb2.ROLE_LIVE)
-        assert (live.embedder_model_id, live.dimension, live.item_count) == (s.models["C"], 128, N + 30)
+        assert (live.embedder_model_id, live.dimension, live.item_count) == (s.models["C"], 128, N + 29)
         stub = search_pb2_grpc.SearchStub(channel)
         reply = await stub.Search(search_pb2.SearchRequest(query=types_pb2.Content(text="a sleeping cat"), top_k=5,
                                                            target=search_pb2.TARGET_CAPTION), timeout=30)
