@@ -15,8 +15,6 @@ import numpy as np
 
 from services.captioner.backends.base import BackendCaption, CaptionJob
 from services.captioner.backends.lite import LiteBackend as LiteCaptionBackend
-from services.captioner.backends.lite import _keyword, describe
-from services.captioner.parsing import clean_keywords
 from services.captioner.service import CaptionService, _Resolved
 from services.captioner.settings import CaptionerSettings
 from services.common.deadline import Deadline
@@ -95,15 +93,7 @@ class SharedLiteCaptioner(LiteCaptionBackend):
             probs = await loop.run_in_executor(self.shared.executor, self.shared.probs,
                                                [KeyedImage(job.key, pixels=pixels)])
             row = probs[0]
-        # As services/captioner/backends/lite.py: the same top labels, description, keywords.
-        top = classifier.top_k(row, self.top_k)
-        names = [name for i, (name, p) in enumerate(top) if i == 0 or p >= self.min_keyword_prob]
-        raw = "\n".join(f"{name}\t{p:.4f}" for name, p in top)
-        return BackendCaption(
-            raw_text=raw,
-            description=describe(top),
-            keywords=clean_keywords([_keyword(n) for n in names], self.max_keywords),
-        )
+        return self.caption_from_probs(classifier, row)
 
 
 def _pixels(image: Any) -> np.ndarray:

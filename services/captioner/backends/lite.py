@@ -14,6 +14,7 @@ import functools
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
+import numpy as np
 from PIL import Image
 
 from services.captioner.backends.base import BackendCaption, CaptionBackend, CaptionJob
@@ -105,7 +106,12 @@ class LiteBackend(CaptionBackend):
             raise RuntimeError("lite model is not loaded")
         loop = asyncio.get_running_loop()
         probs = await loop.run_in_executor(self._pool, classifier.predict_proba, [job.image])
-        top = classifier.top_k(probs[0], self.top_k)
+        return self.caption_from_probs(classifier, probs[0])
+
+    def caption_from_probs(self, classifier: ImageNetClassifier, row: np.ndarray) -> BackendCaption:
+        """The caption of one image's class probabilities: its top labels, a templated
+        description and the labels as keywords (also the models process' captions)."""
+        top = classifier.top_k(row, self.top_k)
         names = [name for i, (name, p) in enumerate(top) if i == 0 or p >= self.min_keyword_prob]
         raw = "\n".join(f"{name}\t{p:.4f}" for name, p in top)
         return BackendCaption(
