@@ -122,26 +122,31 @@ def test_cache_is_reused_then_a_corrupt_file_is_rebuilt(runtime: str, tmp_path: 
     images = [p.image for p in photos[:3]]
     first = ImageNetClassifier(runtime=runtime, cache_dir=tmp_path)
     expected = first.predict_proba(images)
-    [path] = list(tmp_path.glob(f"lite-efficientnet-lite0-{runtime}-*.mmlrt"))
-    assert first._exported is not None and first._exported.path == path
-    exports, mtime = rt.export_count, path.stat().st_mtime_ns
+    [manifest] = list(tmp_path.glob(f"lite-efficientnet-lite0-{runtime}-*.json"))
+    weights = manifest.with_suffix(".onnx" if runtime == "onnx" else ".bin")
+    assert first._exported is not None and first._exported.path.stem == manifest.stem
+    exports, mtime = rt.export_count, weights.stat().st_mtime_ns
 
-    # Second load: straight from the file, no export, no write.
+    # Second load: straight from the files, no export, no write.
     again = ImageNetClassifier(runtime=runtime, cache_dir=tmp_path)
-    assert rt.export_count == exports and path.stat().st_mtime_ns == mtime
+    assert rt.export_count == exports and weights.stat().st_mtime_ns == mtime
     assert again.model is None  # the torch module is not even loaded
     np.testing.assert_array_equal(again.predict_proba(images), expected)
 
-    # Bytes flipped in the middle (the weights), then a truncated file: each is detected,
-    # exported again, replaced atomically, and the outputs are right.
-    data = bytearray(path.read_bytes())
+    # Bytes flipped in the middle (the weights), a truncated file, a lost manifest: each is
+    # detected, exported again, replaced atomically, and the outputs are right.
+    data = bytearray(weights.read_bytes())
     data[len(data) // 2 : len(data) // 2 + 64] = os.urandom(64)
-    for broken in (bytes(data), path.read_bytes()[: len(data) // 3]):
-        path.write_bytes(broken)
+    for broken in (bytes(data), weights.read_bytes()[: len(data) // 3], None):
+        if broken is None:
+            manifest.unlink()
+        else:
+            weights.write_bytes(broken)
         before = rt.export_count
         rebuilt = ImageNetClassifier(runtime=runtime, cache_dir=tmp_path)
         assert rt.export_count == before + 1
-        assert path.read_bytes() != broken and rt._read_cache(path)
+        assert weights.read_bytes() != broken
+        rt._check_cache(manifest)
         assert min_cosine(rebuilt.predict_proba(images), expected) >= MIN_COSINE
     assert not list(tmp_path.glob("*.tmp"))  # no temp file left behind
 

@@ -122,6 +122,8 @@ class LiteBackend(LocalBackend):
         # Measured on 2 vCPU (1 torch thread): EfficientNet-Lite0 costs ~20 ms of CPU per
         # image at batch 1-4, 30 at 8, 36 at 16 (activations outgrow the caches), so CPU
         # image batches stay small; MiniLM keeps gaining up to batch 64.
+        # ONNX Runtime / OpenVINO (EMBEDDER_LITE__RUNTIME): ~13-18 ms at any batch of 1-32,
+        # so the same limit costs them nothing.
         if modality is Modality.IMAGE and self.device.type == "cpu":
             return CPU_IMAGE_BATCH_LIMIT
         return None
