@@ -88,11 +88,12 @@ class SearchSettings(ServerSettings):
     # When search flushes a collection in the background (services/search/flushing.py):
     # after an Ingest stream ends with at least `flush_min_rows` unflushed rows; after
     # `flush_idle_s` with unflushed rows and no new write; as soon as `flush_max_rows` are
-    # unflushed (a long stream); at most once per `flush_min_interval_s` per collection.
+    # unflushed (a long stream; off by default: on embedded Milvus Lite it slowed ingest and
+    # did not help searches after it); at most once per `flush_min_interval_s` per collection.
     # 0 or negative disables that trigger (all three: Milvus alone decides when to seal).
     flush_min_rows: int = 200
     flush_idle_s: float = 30.0
-    flush_max_rows: int = 5000
+    flush_max_rows: int = 0
     flush_min_interval_s: float = 10.0
 
     # --- upstream services ------------------------------------------------------------
