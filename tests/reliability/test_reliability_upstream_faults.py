@@ -216,6 +216,7 @@ def ended(service: str, method: str) -> float:
 
 
 CAPTION = ("mmsearch.captioner.v1.Captioner", "Caption")
+CAPTION_BATCH = ("mmsearch.captioner.v1.Captioner", "CaptionBatch")  # what the ingest pipeline sends
 EMBED = ("mmsearch.embedder.v1.Embedder", "Embed")
 
 
@@ -223,7 +224,7 @@ async def test_slow_captioner_ingest_ends_at_the_deadline_everywhere(
         caption_api: FlakyUpstream, stub: search_pb2_grpc.SearchStub) -> None:
     caption_api.delay_s = 30.0  # far beyond the caller's deadline and below nothing
     deadline_s = 2.0
-    captions_ended = ended(*CAPTION)
+    captions_ended = ended(*CAPTION) + ended(*CAPTION_BATCH)
     in_flight_before = metric("search_ingest_in_flight_items")
     try:
         start = time.monotonic()
@@ -235,7 +236,8 @@ async def test_slow_captioner_ingest_ends_at_the_deadline_everywhere(
         # Server side, every stage lets go at the deadline, not after the upstream's 30 s
         # (or the captioner's own 10 s request timeout): the captioner's calls end, its
         # HTTP attempts are no longer in flight, and search holds no item of the call.
-        await _wait(lambda: ended(*CAPTION) > captions_ended, 1.5, "the Caption calls ended")
+        await _wait(lambda: ended(*CAPTION) + ended(*CAPTION_BATCH) > captions_ended, 1.5,
+                    "the Caption(Batch) calls ended")
         await _wait(lambda: metric("captioner_upstream_inflight", backend="dashscope") == 0, 1.5,
                     "no upstream attempt in flight")
         await _wait(lambda: metric("search_ingest_in_flight_items") == in_flight_before, 1.5,
@@ -295,6 +297,13 @@ class Recorder(embedder_pb2_grpc.EmbedderServicer, captioner_pb2_grpc.CaptionerS
     async def Caption(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         self.remaining["Caption"].append(context.time_remaining() or float("inf"))
         return captioner_pb2.CaptionResponse(caption=captioner_pb2.Caption(description="a thing", model_id="recorder"))
+
+    async def CaptionBatch(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        # One entry per image: each image's caption was asked for with this deadline.
+        self.remaining["Caption"] += [context.time_remaining() or float("inf")] * len(request.requests)
+        caption = captioner_pb2.Caption(description="a thing", model_id="recorder")
+        return captioner_pb2.CaptionBatchResponse(
+            results=[captioner_pb2.CaptionResult(caption=caption) for _ in request.requests])
 
 
 async def test_every_upstream_call_carries_the_callers_deadline(milvus_server: MilvusLiteServer) -> None:
