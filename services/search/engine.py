@@ -238,8 +238,9 @@ class SearchEngine:
         if any(leg.target is Target.KEYWORD for leg in legs) and not info.has_keyword:
             raise FailedPrecondition(
                 f"collection {on.store.collection!r} was created before the keyword leg existed and has no "
-                "keyword index. To migrate: set SEARCH_COLLECTION to a new name, re-ingest your items (ingest is "
-                "idempotent), then switch callers over and drop the old collection."
+                f"keyword index. To migrate without downtime: `mmsearch index create --model {info.model_id}` (a new "
+                "version, with the keyword field), `mmsearch index backfill`, `mmsearch index promote` "
+                "(docs/operations.md, \"Change the embedding model\")."
             )
         if q.vector is not None:
             vector = check_vector(q.vector, info.dimension)

@@ -334,9 +334,10 @@ class MilvusStore:
         if not info.has_tenant and tenant != principal.DEFAULT_TENANT:
             raise FailedPrecondition(
                 f"collection {self.collection!r} was created before tenants (no {F.TENANT!r} field) and serves the "
-                f"default tenant only, not {tenant!r}. To migrate: set SEARCH_COLLECTION to a new name (it is created "
-                "with the tenant field), re-ingest each tenant's images with that tenant's token (ingest is "
-                "idempotent), then drop the old collection.")
+                f"default tenant only, not {tenant!r}. To migrate without downtime: `mmsearch index create --model "
+                f"{info.model_id}` (a new version, with the tenant field), `mmsearch index backfill`, `mmsearch index "
+                "promote` (docs/operations.md, \"Change the embedding model\"); existing items stay the default "
+                "tenant's.")
         return Tenancy(tenant, info.has_tenant)
 
     def stored_key(self, item_id: str) -> str:
@@ -368,9 +369,10 @@ class MilvusStore:
                     raise FailedPrecondition(
                         f"collection {self.collection!r} was built by embedding model {built_model!r} "
                         f"(dimension {built_dim}), but the embedder now serves {model_id!r} (dimension {dimension}). "
-                        "Vectors from different models cannot be mixed. To migrate: set SEARCH_COLLECTION to a new "
-                        "name and re-ingest your images (ingest is idempotent), then drop the old collection; or "
-                        "point the embedder back at the original model."
+                        "Vectors from different models cannot be mixed. To change the model without downtime: keep "
+                        f"an embedder serving {built_model!r} mapped in SEARCH_MODEL_EMBEDDERS, then `mmsearch index "
+                        f"create --model {model_id}`, backfill and promote (docs/operations.md, \"Change the embedding "
+                        "model\"); or point the embedder back at the original model."
                     )
                 c.load_collection(self.collection)
                 return

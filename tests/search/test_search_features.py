@@ -338,6 +338,6 @@ async def test_a_collection_from_before_the_keyword_leg_says_how_to_migrate(suit
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 await stub.Search(search_pb2.SearchRequest(query=text("x"), top_k=1, target=search_pb2.TARGET_KEYWORD))
             assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-            assert "created before the keyword leg" in e.value.details() and "SEARCH_COLLECTION" in e.value.details()
+            assert "created before the keyword leg" in e.value.details() and "mmsearch index create" in e.value.details()
     finally:
         await search.stop(0.5)

@@ -107,7 +107,7 @@ async def test_collection_built_by_another_model_is_a_clear_error_not_a_crash(ca
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await stub.Search(text_query("a cat"))
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-            assert re.search("was built by embedding model 'some-other-model'.*SEARCH_COLLECTION", err.value.details())
+            assert re.search("was built by embedding model 'some-other-model'.*SEARCH_MODEL_EMBEDDERS.*mmsearch index create", err.value.details())
             stats = await stub.Stats(search_pb2.StatsRequest())
             assert stats.embedder_model_id == "some-other-model" and stats.dimension == 512
     finally:

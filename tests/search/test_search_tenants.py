@@ -25,6 +25,7 @@ import pytest_asyncio
 from prometheus_client import REGISTRY
 
 from mmsearch.common.v1 import types_pb2
+from mmsearch.admin.v1 import admin_pb2, admin_pb2_grpc
 from mmsearch.search.v1 import search_pb2, search_pb2_grpc
 from services.common.log import configure_logging
 from services.common.server import RunningServer
@@ -390,7 +391,8 @@ async def test_a_collection_from_before_tenants_serves_the_default_tenant_only(
         "tokens:\n"
         f"  - {{name: beta, sha256: {hash_token('beta-admin')}, tenant: beta, scopes: [admin]}}\n")
     search_server = await start_search(uri, embedder.address, "127.0.0.1:1", collection="old",
-                                       auth_token_file=token_file, auth_tokens=LEGACY)
+                                       auth_token_file=token_file, auth_tokens=LEGACY,
+                                       originals={"dir": tmp_path / "originals"})
     try:
         async with grpc.aio.insecure_channel(search_server.address) as channel:
             stub = search_pb2_grpc.SearchStub(channel)
@@ -407,6 +409,23 @@ async def test_a_collection_from_before_tenants_serves_the_default_tenant_only(
                                      timeout=30)):
                 e = await rpc_error(call)
                 assert e.code() == grpc.StatusCode.FAILED_PRECONDITION, e.details()
-                assert "SEARCH_COLLECTION" in (e.details() or "") and "re-ingest" in (e.details() or "")
+                assert "mmsearch index create" in (e.details() or "") and "backfill" in (e.details() or "")
+            # The migration the message names: a new version (with the tenant field) of the same
+            # model, backfilled and promoted, with no downtime; then every tenant is served.
+            admin = admin_pb2_grpc.AdminStub(channel)
+            created = await admin.CreateCandidate(admin_pb2.CreateCandidateRequest(embedder_model_id=info.model_id),
+                                                  metadata=md(LEGACY), timeout=60)
+            assert created.candidate.name == "old__v1"
+            async for reply in admin.Backfill(admin_pb2.BackfillRequest(), metadata=md(LEGACY), timeout=120):
+                assert all(o.status == admin_pb2.BACKFILL_STATUS_COPIED for o in reply.outcomes), reply
+            switched = await admin.Promote(admin_pb2.PromoteRequest(), metadata=md(LEGACY), timeout=60)
+            assert (switched.live.name, switched.previous.name, switched.live.item_count) == ("old__v1", "old__v0", 1)
+            stats = await stub.Stats(search_pb2.StatsRequest(), metadata=md("beta-admin"), timeout=30)
+            assert stats.item_count == 0  # beta's own items: none yet
+            got = await stub.Get(search_pb2.GetRequest(ids=["photo-cat"]), metadata=md("beta-admin"), timeout=30)
+            assert list(got.missing_ids) == ["photo-cat"]  # the default tenant's item stays its own
+            hits = (await stub.Search(search_pb2.SearchRequest(query=text("a cat"), top_k=3), metadata=md(LEGACY),
+                                      timeout=30)).hits
+            assert [h.id for h in hits] == ["photo-cat"]
     finally:
         await search_server.stop(0.5)
