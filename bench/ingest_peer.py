@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import tempfile
@@ -38,7 +37,7 @@ BATCH = 16  # images per peer step (4 per CNN forward, as the lite embedder on C
 def peer_main(db: str) -> None:
     import torch
 
-    from services.captioner.backends.lite import _keyword, describe
+    from services.captioner.backends.lite import LiteBackend as LiteCaptioner
     from services.captioner.parsing import clean_keywords, limit_words
     from services.captioner.settings import CaptionerSettings
     from services.common.images import decode_image
@@ -56,6 +55,7 @@ def peer_main(db: str) -> None:
     backend = LiteBackend.from_settings(emb)
     backend.load()
     classifier = backend.conse.classifier
+    captioner = LiteCaptioner(cap, classifier)
     model_id = backend.info.model_id
     settings = SearchSettings(milvus_uri=db)
     loop = asyncio.new_event_loop()
@@ -77,13 +77,10 @@ def peer_main(db: str) -> None:
             probs = classifier.forward_proba(torch.from_numpy(pixels).permute(0, 3, 1, 2))
             image_vecs = backend._out(backend.conse.image_vectors_from_proba(probs))
             captions = []
-            for row in probs:  # as services/captioner/backends/lite.py + service.py
-                top = classifier.top_k(row, cap.lite_top_k)
-                names = [n for j, (n, p) in enumerate(top) if j == 0 or p >= cap.lite_min_keyword_prob]
-                keywords = clean_keywords(clean_keywords([_keyword(n) for n in names], cap.max_keywords),
-                                          cap.max_keywords)
-                captions.append(CaptionResult(limit_words(describe(top), cap.default_max_words), keywords,
-                                              classifier.model_id))
+            for row in probs:  # the lite captioner's own code, then service.py's limits
+                c = captioner.caption_from_probs(classifier, row)
+                captions.append(CaptionResult(limit_words(c.description, cap.default_max_words),
+                                              clean_keywords(c.keywords, cap.max_keywords), classifier.model_id))
             text_vecs = backend.forward(Modality.TEXT, [caption_text(c) for c in captions])
             now_ms = int(time.time() * 1000)
             batch_rows = [
@@ -129,7 +126,6 @@ async def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="mmsearch-peer-"))
     import subprocess
 
-    import psutil
 
     t0 = time.perf_counter()
     peer = subprocess.Popen([sys.executable, __file__, "--peer", str(work / "peer.db")], stdin=subprocess.PIPE,
