@@ -142,6 +142,8 @@ async def main() -> None:
     suite_start = time.perf_counter() - t0
     time.sleep(2)
     pids = [p.pid for p in suite.processes if p.pid]
+    names = {p.name: p.pid for p in suite.processes if p.pid}
+    per_process: dict[str, list[float]] = {}
     suite_rss = sum(C.rss_mb(p) for p in pids)
     print(f"processes: suite {[p.name for p in suite.processes]}, peer 1")
 
@@ -160,9 +162,13 @@ async def main() -> None:
         order = ["suite", "peer"] if r % 2 == 0 else ["peer", "suite"]
         for side in order:
             if side == "suite":
-                c0, s0 = cpu(pids), time.perf_counter()
+                each0, s0 = {n: cpu([p]) for n, p in names.items()}, time.perf_counter()
                 counts = await C.ingest_all(stub, C.ingest_requests(jpegs))
-                took, used = time.perf_counter() - s0, cpu(pids) - c0
+                took = time.perf_counter() - s0
+                each = {n: cpu([p]) - each0[n] for n, p in names.items()}
+                used = sum(each.values())
+                for n, v in each.items():
+                    per_process.setdefault(n, []).append(v / len(jpegs))
                 assert counts["stored"] == len(jpegs), counts
             else:
                 c0, s0 = cpu([peer.pid]), time.perf_counter()
@@ -199,6 +205,8 @@ async def main() -> None:
     ]
     C.print_table(f"{args.images} images x {args.rounds} rounds, alternating", ["", "suite", "peer", "ratio", "goal"],
                   rows)
+    print("suite CPU ms per item by process (median): "
+          + ", ".join(f"{n} {1000 * statistics.median(v):.1f}" for n, v in per_process.items()))
 
 
 if __name__ == "__main__":

@@ -29,9 +29,14 @@ from mmsearch.suite.process import (
     ProcessSpec,
     SuiteError,
     free_port,
+    grpc_health,
     milvus_spec,
     service_spec,
 )
+
+#: Search's health name for "ingest works" (services/search/app.py HEALTH_INGEST; the
+#: client side must not import the servers).
+INGEST_HEALTH = "ingest"
 
 #: Called when a child is ready: (name, address, seconds it took).
 ReadySink = Callable[[str, str, float], None]
@@ -227,8 +232,11 @@ class LocalSuite:
         if c.file_root is not None:
             search_env["SEARCH_URIS__FILE_ROOT"] = str(Path(c.file_root).expanduser().resolve())
         if self.combined_models:
-            # One torch process: it gets every core (no split between two model processes).
-            models_env = {k: v for k, v in {**embedder_env, **captioner_env}.items() if k != "OMP_NUM_THREADS"}
+            # One models process, still half the cores for the forwards: they run on one model
+            # thread while decode and preprocess run on worker threads beside it, and a forward
+            # spread over every core waits for the cores those workers hold. Measured on 2 cores
+            # (bench/ingest_peer.py): 1 thread instead of 2 cut the CPU per item ~13 %.
+            models_env = {**embedder_env, **captioner_env}
             specs.append(self._service_spec("models", models_env))
         else:
             specs += [
@@ -256,7 +264,14 @@ class LocalSuite:
     # -- lifecycle
 
     def start(self) -> LocalSuite:
-        """Starts every child in order, each after the previous one is ready.
+        """Starts every child at once, then waits until each is ready (in order).
+
+        At once, because no child needs another to start: search answers before Milvus
+        or its upstreams do and binds the embedder when it comes. Started one after the
+        other, the suite's cold start was the sum of the children's (the models process
+        loading while search waited its turn). Ready still means what it meant: after
+        search is SERVING, up to `embedder_start_wait_s` (5 s) more for it to have bound
+        the embedder, so a caller that ingests right after start finds ingest ready.
 
         On any failure everything already started is stopped and `SuiteError` is raised
         with the failing child's last log lines.
@@ -273,15 +288,30 @@ class LocalSuite:
                 proc = ManagedProcess(spec, self._on_line, log_file=self.data_dir / "logs" / f"{spec.name}.log")
                 self.processes.append(proc)
                 proc.start()
-                self._write_state()
+            self._write_state()
+            for proc in self.processes:
                 took = proc.wait_ready(self.config.start_timeout_s)
                 if self._on_ready is not None:
-                    self._on_ready(spec.name, spec.address, took)
+                    self._on_ready(proc.name, proc.spec.address, took)
+            self._wait_ingest_bound()
         except BaseException:
             self.stop()
             raise
         self._write_state()
         return self
+
+    def _wait_ingest_bound(self, wait_s: float = 5.0) -> None:
+        """Search is SERVING once Milvus answers; give it a moment to bind the embedder that
+        started beside it. One that cannot bind (e.g. a model guard refusal) leaves the
+        suite up and degraded, as search itself does after its own 5 s wait."""
+        search = next((p for p in self.processes if p.name == "search"), None)
+        if search is None:
+            return
+        deadline = time.monotonic() + wait_s
+        while grpc_health(search.spec.address, INGEST_HEALTH) != "SERVING" and time.monotonic() < deadline:
+            if search.returncode is not None:
+                return  # the watcher reports it
+            time.sleep(0.1)
 
     def _refuse_second_suite(self) -> None:
         """Two suites on one data dir would fight over the Milvus Lite files: say so early."""

@@ -202,7 +202,7 @@ class ManagedProcess:
                     f"{self.name} exited with code {code} while starting", self.name, self.tail(), self._log_file
                 )
             if ready == "grpc":
-                last = _grpc_health(self.spec.address, self.spec.health_service)
+                last = grpc_health(self.spec.address, self.spec.health_service)
                 ok = last == "SERVING"
             elif ready == "tcp":
                 ok = _tcp_open(self.spec.address)
@@ -334,7 +334,8 @@ def _killpg(pgid: int, sig: int) -> None:
         pass
 
 
-def _grpc_health(address: str, service: str = "") -> str:
+def grpc_health(address: str, service: str = "") -> str:
+    """The serving status name of `service` at `address` (or the gRPC status code name)."""
     # A fresh channel per check: a kept one would back off (1 s, 1.6 s, ...) between the
     # connection attempts that fail while the child starts, and see it ready late.
     with grpc.insecure_channel(address) as channel:

@@ -183,9 +183,11 @@ def test_model_processes_split_the_cores_unless_the_user_chose(tmp_path: Path, m
     env = {s.name: s.env for s in LocalSuite(two).specs}
     assert env["embedder"]["OMP_NUM_THREADS"] == env["captioner"]["OMP_NUM_THREADS"] == "4"
     assert "OMP_NUM_THREADS" not in env["search"]
-    # One models process (the lite default) is the only torch process: it keeps every core.
+    # One models process (the lite default): its forwards get half the cores too, the decode
+    # and preprocess workers beside them the rest.
     env = {s.name: s.env for s in LocalSuite(SuiteConfig(data_dir=tmp_path, ports="auto")).specs}
-    assert "OMP_NUM_THREADS" not in env["models"]
+    assert env["models"]["OMP_NUM_THREADS"] == "4"
+    assert "OMP_NUM_THREADS" not in env["search"]
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0})
     env = {s.name: s.env for s in LocalSuite(two).specs}
     assert env["embedder"]["OMP_NUM_THREADS"] == "1"
@@ -212,3 +214,10 @@ def test_milvus_server_mode_runs_milvus_lite_and_stops_it_cleanly(tmp_path: Path
         pid = suite.processes[0].pid
     assert pid is not None and not alive(pid)
     assert "Shutting down" in (tmp_path / "logs" / "milvus.log").read_text()  # SIGINT: a clean close
+
+
+def test_the_launcher_waits_on_searchs_own_ingest_health_name() -> None:
+    from mmsearch.suite.launcher import INGEST_HEALTH
+    from services.search.app import HEALTH_INGEST
+
+    assert INGEST_HEALTH == HEALTH_INGEST  # the launcher cannot import the server: a copy, kept equal here
