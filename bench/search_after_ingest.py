@@ -6,8 +6,9 @@ they are flushed. This ingests `--sizes` items (cumulative: 1,600, then up to 20
 through the real suite, measures Search right after each Ingest stream ends (the moment
 users hit: windows of seconds after the end), then restarts the search process on the
 same Milvus data and measures again (the settled baseline). Both arms run in one
-invocation, alternating, each on its own suite: `on` (the SEARCH_FLUSH_* defaults),
-`max5k` (SEARCH_FLUSH_MAX_ROWS=5000: also flush while a stream writes) and `off`
+invocation, alternating, each on its own suite: `on` (the SEARCH_FLUSH_* defaults: also
+every 2,000 rows while a stream writes), `endonly` (SEARCH_FLUSH_MAX_ROWS=0: only when a
+stream ends or goes idle), `max5k` (SEARCH_FLUSH_MAX_ROWS=5000) and `off`
 (SEARCH_FLUSH_MIN_ROWS, _IDLE_S and _MAX_ROWS 0: Milvus alone decides).
 
 To make 20,000 ingests cheap, the embedder runs its DashScope backend against the local
@@ -39,8 +40,9 @@ KEY = "bench-key"
 
 
 ARMS = {
-    "on": {},  # the defaults (no max_rows trigger)
-    "max5k": {"SEARCH_FLUSH_MAX_ROWS": "5000"},  # also flush every 5,000 rows while a stream writes
+    "on": {},  # the defaults (max_rows 2,000: also flush while a stream writes)
+    "endonly": {"SEARCH_FLUSH_MAX_ROWS": "0"},  # the defaults before: flush only when a stream ends / idles
+    "max5k": {"SEARCH_FLUSH_MAX_ROWS": "5000"},  # flush every 5,000 rows while a stream writes
     "off": {"SEARCH_FLUSH_MIN_ROWS": "0", "SEARCH_FLUSH_IDLE_S": "0", "SEARCH_FLUSH_MAX_ROWS": "0"},
 }
 

@@ -69,7 +69,7 @@ class SearchService:
         # The flush policy (SEARCH_FLUSH_*): the stores report their writes to it.
         self.flusher = Flusher(lambda name: self.index.store(name).flush(), settings.flush_min_rows,
                                settings.flush_idle_s, max_rows=settings.flush_max_rows,
-                               min_interval_s=settings.flush_min_interval_s,
+                               min_interval_s=settings.flush_interval_s(),
                                stop_wait_s=settings.milvus_timeout_s)
         self.index.connection.on_write = self.flusher.wrote
         self.embedder = EmbedderClient(settings)

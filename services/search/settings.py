@@ -88,13 +88,25 @@ class SearchSettings(ServerSettings):
     # When search flushes a collection in the background (services/search/flushing.py):
     # after an Ingest stream ends with at least `flush_min_rows` unflushed rows; after
     # `flush_idle_s` with unflushed rows and no new write; as soon as `flush_max_rows` are
-    # unflushed (a long stream; off by default: on embedded Milvus Lite it slowed ingest and
-    # did not help searches after it); at most once per `flush_min_interval_s` per collection.
+    # unflushed (a long stream: its rows are sealed and indexed while it still writes, so the
+    # search after it scans and waits for at most this many; 2,000 rows of 384-d vectors
+    # are ~8.6 MB segments, which embedded Milvus Lite merges four at a time and re-indexes
+    # in the background; 5,000 made the last merge land at the stream's end: docs/benchmarks.md);
+    # at most once per `flush_min_interval_s` per collection.
     # 0 or negative disables that trigger (all three: Milvus alone decides when to seal).
     flush_min_rows: int = 200
     flush_idle_s: float = 30.0
-    flush_max_rows: int = 0
-    flush_min_interval_s: float = 10.0
+    flush_max_rows: int = 2000
+    # None: 10 s against a Milvus server (its default per-collection flush rate limit,
+    # quotaAndLimits.flushRate.collection.max 0.1), 1 s on embedded Milvus Lite (no such
+    # limit; a stream's last rows then wait ~1 s, not up to 10, behind a max_rows flush).
+    flush_min_interval_s: float | None = Field(default=None, ge=0)
+
+    def flush_interval_s(self) -> float:
+        """`flush_min_interval_s`, or its default for this Milvus (see above)."""
+        if self.flush_min_interval_s is not None:
+            return self.flush_min_interval_s
+        return 10.0 if "://" in self.milvus_uri else 1.0
 
     # --- upstream services ------------------------------------------------------------
     embedder_target: str = "127.0.0.1:50051"

@@ -297,3 +297,10 @@ def test_the_settings_default_and_disable() -> None:
     assert s.flush_min_rows > 0 and s.flush_idle_s > 0
     off = SearchSettings(flush_min_rows=0, flush_idle_s=0)
     assert not Flusher(lambda name: asyncio.sleep(0), off.flush_min_rows, off.flush_idle_s).enabled
+
+
+def test_the_flush_interval_defaults_to_the_milvus_servers_rate_limit_and_to_1_s_embedded() -> None:
+    assert SearchSettings(milvus_uri="http://milvus:19530").flush_interval_s() == 10.0
+    assert SearchSettings(milvus_uri="/data/mmsearch.db").flush_interval_s() == 1.0
+    assert SearchSettings(milvus_uri="/data/mmsearch.db", flush_min_interval_s=5).flush_interval_s() == 5.0
+    assert SearchSettings().flush_max_rows == 2000  # a long stream is flushed while it writes
