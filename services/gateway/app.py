@@ -220,7 +220,7 @@ class DuplexStreamingResponse(StreamingResponse):
     Starlette's StreamingResponse (under ASGI spec < 2.4, which uvicorn declares) reads
     `receive()` in a second task to notice a disconnect: that task would take body chunks
     from under the request reader. Here only the request reader calls `receive()`; the
-    disconnect is watched once the body is complete (`call_client_stream`)."""
+    disconnect is watched once the body is complete (`_watch_disconnect`)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -287,6 +287,61 @@ async def call_unary(gw: Gateway, method: Method, request: Request, message: Mes
     return JSONResponse(to_json(reply))
 
 
+# The request writers of calls in progress: the loop keeps only weak references to tasks.
+_WRITERS: set[asyncio.Task[None]] = set()
+
+
+async def _watch_disconnect(request: Request, call: Any) -> None:
+    """Once the body is complete the next message can only be the client's disconnect:
+    then the call is cancelled, so items not yet stored are not written."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    call.cancel()
+
+
+async def _write_requests(
+    call: Any, request: Request, messages: AsyncIterator[Message], request_errors: list[HttpError]
+) -> None:
+    """Sends the body's messages as they arrive and half-closes; a bad line ends the
+    request stream there (it is reported after the answers to the lines before it)."""
+    try:
+        async for message in messages:
+            await call.write(message)
+    except HttpError as e:
+        request_errors.append(e)
+    except ClientDisconnect:
+        call.cancel()
+        return
+    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        return  # search ended the call: the response side reports its status
+    await call.done_writing()
+    if not request_errors:
+        await _watch_disconnect(request, call)
+
+
+def _start_writer(call: Any, request: Request, messages: AsyncIterator[Message],
+                  request_errors: list[HttpError]) -> None:
+    """Runs `_write_requests` beside the call, until the call ends."""
+    writer = asyncio.get_running_loop().create_task(_write_requests(call, request, messages, request_errors))
+    _WRITERS.add(writer)
+    writer.add_done_callback(lambda task: _writer_done(task, call))
+    # No write may still be pending once search has answered: grpc.aio replaces the status
+    # of a call whose pending write fails because the call ended with INTERNAL "Internal
+    # error from Core" (grpc/grpc#36066), so an Ingest that search refused at once (no
+    # token) answered 500 instead of 401 about once in ten. Done callbacks run as search's
+    # status is set; the cancelled writer then never handles the failed write.
+    call.add_done_callback(lambda _call: writer.cancel())
+
+
+def _writer_done(writer: asyncio.Task[None], call: Any) -> None:
+    _WRITERS.discard(writer)
+    if writer.cancelled() or writer.exception() is None:
+        return
+    # Unexpected: without it search would wait for the rest of the request stream.
+    log.warning("ingest request stream failed", error=repr(writer.exception()))
+    call.cancel()
+
+
 async def call_client_stream(
     gw: Gateway, method: Method, request: Request, messages: AsyncIterator[Message]
 ) -> Response:
@@ -294,30 +349,10 @@ async def call_client_stream(
     they are decided. A bad line ends the request stream there: the items before it are
     still answered, then an `{"error"}` line names the bad one."""
     request_errors: list[HttpError] = []
-    holder: dict[str, Any] = {}
-
-    async def cancel_on_disconnect() -> None:
-        # The body is complete: the next message can only be the client's disconnect.
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-        holder["call"].cancel()  # stop the work upstream: items not yet stored are not written
-
-    async def requests() -> AsyncIterator[Message]:
-        try:
-            async for message in messages:
-                yield message
-        except HttpError as e:
-            request_errors.append(e)
-            return
-        except ClientDisconnect:
-            holder["call"].cancel()
-            return
-        watcher = asyncio.get_running_loop().create_task(cancel_on_disconnect())
-        holder["watcher"] = watcher
-        holder["call"].add_done_callback(lambda _call: watcher.cancel())
-
-    call = gw.callable(method)(requests(), metadata=_metadata(request), timeout=gw.timeout(method))
-    holder["call"] = call
+    # Written from our own task (not a request iterator handed to grpc) so that the
+    # writing stops the moment the call ends (`_start_writer`).
+    call = gw.callable(method)(metadata=_metadata(request), timeout=gw.timeout(method))
+    _start_writer(call, request, messages, request_errors)
     if not method.server_streaming:  # no such RPC today; kept for completeness
         try:
             reply = await call

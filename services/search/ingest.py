@@ -250,7 +250,11 @@ class _Run:
             self.spawn(self.embedder())
         self.spawn(self.upserter())
         try:
-            while self.feeding or self.progress.in_flight > 0:
+            while self.feeding or self.progress.in_flight > 0 or not self.outcomes.empty():
+                # `in_flight` drops as an item is decided, not as its outcome is sent: the last
+                # item can be decided while the caller holds the previous answer (gRPC sending
+                # it), and its outcome is then still queued here. Stopping on the counters
+                # alone ended the stream without it (an Ingest lost its last outcome).
                 first = await self.outcomes.get()
                 batch = [first]
                 while not self.outcomes.empty():
