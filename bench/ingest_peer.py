@@ -64,7 +64,7 @@ def peer_main(db: str) -> None:
     warm = np.zeros((2, 224, 224, 3), dtype=np.float32)
     classifier.forward_proba(torch.from_numpy(warm).permute(0, 3, 1, 2))
     backend.forward(Modality.TEXT, ["warm-up"])
-    print("READY", flush=True)
+    print("READY", classifier.runtime, flush=True)  # the runtime its forwards run on
     for line in sys.stdin:
         folder = Path(line.strip())
         started = time.perf_counter()
@@ -131,7 +131,8 @@ async def main() -> None:
     peer = subprocess.Popen([sys.executable, __file__, "--peer", str(work / "peer.db")], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
     assert peer.stdout is not None and peer.stdin is not None
-    assert peer.stdout.readline().strip() == "READY"
+    ready = peer.stdout.readline().split()
+    assert ready[0] == "READY", ready
     peer_start = time.perf_counter() - t0
     time.sleep(2)
     peer_rss = C.rss_mb(peer.pid)
@@ -145,7 +146,10 @@ async def main() -> None:
     names = {p.name: p.pid for p in suite.processes if p.pid}
     per_process: dict[str, list[float]] = {}
     suite_rss = sum(C.rss_mb(p) for p in pids)
-    print(f"processes: suite {[p.name for p in suite.processes]}, peer 1")
+    from services.embedder.settings import EmbedderSettings
+
+    print(f"processes: suite {[p.name for p in suite.processes]}, peer 1; lite runtime: suite "
+          f"{EmbedderSettings().lite.runtime} (its default), peer {ready[1]}")
 
     def cpu(ps: list[int]) -> float:
         return sum(C.cpu_seconds(p) for p in ps)

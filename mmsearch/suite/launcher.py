@@ -232,11 +232,14 @@ class LocalSuite:
         if c.file_root is not None:
             search_env["SEARCH_URIS__FILE_ROOT"] = str(Path(c.file_root).expanduser().resolve())
         if self.combined_models:
-            # One models process, still half the cores for the forwards: they run on one model
-            # thread while decode and preprocess run on worker threads beside it, and a forward
-            # spread over every core waits for the cores those workers hold. Measured on 2 cores
-            # (bench/ingest_peer.py): 1 thread instead of 2 cut the CPU per item ~13 %.
+            # One models process: two forwards at once, each on half the cores (the caption's
+            # classifier and the embedder's text model both run there). One forward spread over
+            # every core waits for the cores the decode workers hold (~13 % more CPU per item
+            # on 2 cores); one forward at a time on half of them left the other half idle
+            # (0.74x the single-process peer's items/s). bench/ingest_peer.py measures both.
             models_env = {**embedder_env, **captioner_env}
+            if "EMBEDDER_MODEL_THREADS" not in os.environ and "EMBEDDER_MODEL_THREADS" not in c.env:
+                models_env["EMBEDDER_MODEL_THREADS"] = "2"
             specs.append(self._service_spec("models", models_env))
         else:
             specs += [

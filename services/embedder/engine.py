@@ -77,7 +77,8 @@ class EmbeddingEngine:
 
     @property
     def model_executor(self) -> ThreadPoolExecutor:
-        """The single thread all local forwards run on (tests use it to hold the model busy)."""
+        """The thread(s) local forwards run on: one unless EMBEDDER_MODEL_THREADS says more
+        (tests use it to hold the model busy)."""
         if self._model_thread is None:
             raise Unavailable("the model is not loaded yet")
         return self._model_thread
@@ -88,11 +89,11 @@ class EmbeddingEngine:
         self._workers = ThreadPoolExecutor(self.settings.preprocess_workers, thread_name_prefix="embedder-prep")
         backend = self.backend
         if isinstance(backend, LocalBackend):
-            self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="embedder-model")
+            self._model_thread = ThreadPoolExecutor(self.settings.model_threads, thread_name_prefix="embedder-model")
             started = time.perf_counter()
             await loop.run_in_executor(self._model_thread, backend.load)
             log.info("model loaded", backend=backend.name, seconds=round(time.perf_counter() - started, 2))
-            in_flight = 1
+            in_flight = self.settings.model_threads
         elif isinstance(backend, RemoteBackend):
             await backend.start()
             in_flight = backend.max_in_flight

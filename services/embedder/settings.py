@@ -130,6 +130,11 @@ class EmbedderSettings(ServerSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     # torch intra-op threads (process-wide); unset keeps torch's default.
     torch_threads: int | None = Field(default=None, ge=1)
+    # Local forwards that may run at once, each on its own thread. 1 for a GPU (its stream
+    # serialises them anyway). On a CPU, 2 forwards each on half the cores keep both busy
+    # while the other waits on decode and preprocess: the local suite's models process
+    # runs 2 (docs/benchmarks.md, "Ingest against a single-process peer").
+    model_threads: int = Field(default=1, ge=1)
 
     lite: LiteSettings = Field(default_factory=LiteSettings)
     bge: BgeSettings = Field(default_factory=BgeSettings)

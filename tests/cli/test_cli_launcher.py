@@ -186,7 +186,7 @@ def test_model_processes_split_the_cores_unless_the_user_chose(tmp_path: Path, m
     # One models process (the lite default): its forwards get half the cores too, the decode
     # and preprocess workers beside them the rest.
     env = {s.name: s.env for s in LocalSuite(SuiteConfig(data_dir=tmp_path, ports="auto")).specs}
-    assert env["models"]["OMP_NUM_THREADS"] == "4"
+    assert env["models"]["OMP_NUM_THREADS"] == "4" and env["models"]["EMBEDDER_MODEL_THREADS"] == "2"
     assert "OMP_NUM_THREADS" not in env["search"]
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0})
     env = {s.name: s.env for s in LocalSuite(two).specs}

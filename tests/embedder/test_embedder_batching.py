@@ -370,3 +370,17 @@ async def test_a_modality_can_cap_its_own_batch_size() -> None:
         await b.stop()
     assert max(len(items) for m, items in model.batches if m == "image") == 3
     assert max(len(items) for m, items in model.batches if m == "text") == 7
+
+
+async def test_with_two_model_threads_a_forward_runs_while_the_other_thread_is_held(
+    clip_dir: Any, clip_backend: ClipBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EMBEDDER_MODEL_THREADS=2 (the local suite's models process): two forwards at once.
+    With one thread the held thread would block this call (the tests above rely on it)."""
+    settings = make_settings(backend="clip", model_dir=clip_dir, model_threads=2)
+    async with serve(settings, clip_backend) as served:
+        alone = (await served.embed(text("a red car"))).embeddings[0].values
+        with HeldModel(served, clip_backend, monkeypatch) as held:
+            reply = await asyncio.wait_for(served.embed(text("a red car")), 10)
+            assert len(held.computed) == 1  # computed while the other thread is held
+        assert list(reply.embeddings[0].values) == pytest.approx(list(alone), abs=1e-6)
