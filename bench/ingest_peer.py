@@ -12,12 +12,15 @@ captions, image vectors cos >= 0.999).
 
     python bench/ingest_peer.py                  # 200 images x 3 rounds
     python bench/ingest_peer.py --images 48 --rounds 1
+    python bench/ingest_peer.py --peer-runtime torch   # the stretch goal: against a torch peer
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -120,16 +123,16 @@ async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--peer-runtime", default="", choices=["", "torch", "onnx", "openvino"],
+                    help="the peer's EMBEDDER_LITE__RUNTIME (default: its default, the suite's)")
     ap.add_argument("--peer", help=argparse.SUPPRESS)
     args = ap.parse_args()
     C.header("Ingest against a single-process peer (issue 17)")
     work = Path(tempfile.mkdtemp(prefix="mmsearch-peer-"))
-    import subprocess
-
-
     t0 = time.perf_counter()
+    peer_env = {**os.environ, **({"EMBEDDER_LITE__RUNTIME": args.peer_runtime} if args.peer_runtime else {})}
     peer = subprocess.Popen([sys.executable, __file__, "--peer", str(work / "peer.db")], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+                            stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1], env=peer_env)
     assert peer.stdout is not None and peer.stdin is not None
     ready = peer.stdout.readline().split()
     assert ready[0] == "READY", ready
