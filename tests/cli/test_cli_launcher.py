@@ -26,7 +26,9 @@ def _suite(tmp_path: Path, specs, **config) -> LocalSuite:
     return suite
 
 
-def test_children_start_in_order_and_stop_with_their_process_groups(tmp_path: Path) -> None:
+def test_children_start_together_are_reported_ready_in_order_and_stop_with_their_process_groups(
+    tmp_path: Path,
+) -> None:
     ready: list[str] = []
     specs = [fake_spec("first", "serving", tmp_path, grandchild=True), fake_spec("second", "serving", tmp_path)]
     suite = LocalSuite(
@@ -37,6 +39,9 @@ def test_children_start_in_order_and_stop_with_their_process_groups(tmp_path: Pa
     )
     with suite:
         assert ready == ["first", "second"]
+        first, second = suite.processes
+        assert first.ready_after_s is not None
+        assert second.started_at < first.started_at + first.ready_after_s  # not after the first was ready
         state = json.loads(suite.state_file.read_text())
         assert [p["name"] for p in state["processes"]] == ["first", "second"]
         assert state["launcher_pid"] == os.getpid() and all(p["ready"] for p in state["processes"])
