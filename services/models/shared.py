@@ -3,7 +3,7 @@ probabilities keyed by the SHA-256 of the image's encoded bytes.
 
 Ingest captions an image, then embeds the same bytes: the second call finds the
 probabilities here and runs no forward (and, when both contracts decode alike, no
-decode either). Forwards run on one model thread (the embedder engine's).
+decode either). Forwards run on the embedder engine's model threads (EMBEDDER_MODEL_THREADS).
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ class SharedClassifier:
     def __init__(self, cache_size: int) -> None:
         self.cache_size = cache_size
         self.classifier: Any = None  # services.lite_models.imagenet.ImageNetClassifier, once loaded
-        self.executor: Executor | None = None  # the one model thread
+        self.executor: Executor | None = None  # the embedder engine's model thread(s)
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -71,7 +71,8 @@ class SharedClassifier:
 
     def probs(self, items: Sequence[KeyedImage]) -> np.ndarray:
         """[N, 1000] class probabilities; one batched forward for the items not known yet.
-        Runs on the model thread."""
+        Runs on a model thread. Two at once may both compute an image neither found cached
+        (a caption and an Embed of it in flight together): the same row, stored twice."""
         import torch
 
         out: list[np.ndarray | None] = [item.probs for item in items]
