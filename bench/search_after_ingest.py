@@ -43,6 +43,7 @@ ARMS = {
     "on": {},  # the defaults (max_rows 2,000: also flush while a stream writes)
     "endonly": {"SEARCH_FLUSH_MAX_ROWS": "0"},  # the defaults before: flush only when a stream ends / idles
     "max5k": {"SEARCH_FLUSH_MAX_ROWS": "5000"},  # flush every 5,000 rows while a stream writes
+    "omp1": {"OMP_NUM_THREADS": "1"},  # the defaults, Milvus Lite's index builds (faiss) on one core
     "off": {"SEARCH_FLUSH_MIN_ROWS": "0", "SEARCH_FLUSH_IDLE_S": "0", "SEARCH_FLUSH_MAX_ROWS": "0"},
 }
 
