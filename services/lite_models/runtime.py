@@ -25,6 +25,7 @@ softmax stay in Python (imagenet.py, minilm.py), identical for every runtime.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -82,7 +83,7 @@ def runtime_version(runtime: str) -> str:
     if package is None:
         raise ValueError(f"no exported file for runtime {runtime!r}")
     try:
-        module = __import__(package)
+        module = importlib.import_module(package)
     except ImportError as exc:
         raise RuntimeError(f"the {runtime} lite runtime needs the {package!r} package (pip install {package})") from exc
     return str(module.__version__)

@@ -158,7 +158,7 @@ class MilvusConnection:
 
     @property
     def mode(self) -> str:
-        return "server" if "://" in self.settings.milvus_uri else "embedded"
+        return self.settings.milvus_mode
 
     def client(self) -> MilvusClient:
         with self._lock:

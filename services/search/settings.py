@@ -102,11 +102,16 @@ class SearchSettings(ServerSettings):
     # limit; a stream's last rows then wait ~1 s, not up to 10, behind a max_rows flush).
     flush_min_interval_s: float | None = Field(default=None, ge=0)
 
+    @property
+    def milvus_mode(self) -> Literal["server", "embedded"]:
+        """A URI (`http://...`) is a Milvus server; a file path is embedded Milvus Lite."""
+        return "server" if "://" in self.milvus_uri else "embedded"
+
     def flush_interval_s(self) -> float:
         """`flush_min_interval_s`, or its default for this Milvus (see above)."""
         if self.flush_min_interval_s is not None:
             return self.flush_min_interval_s
-        return 10.0 if "://" in self.milvus_uri else 1.0
+        return 10.0 if self.milvus_mode == "server" else 1.0
 
     # --- upstream services ------------------------------------------------------------
     embedder_target: str = "127.0.0.1:50051"
