@@ -1,6 +1,6 @@
 """Channel options, TLS and bearer-token credentials shared by the sync and async clients.
 
-Retries on UNAVAILABLE use gRPC's built-in retry policy (a service config on the
+Retries on UNAVAILABLE and CANCELLED use gRPC's built-in retry policy (a service config on the
 channel): bounded attempts, exponential backoff with jitter, and the stream's messages
 replayed by gRPC itself. The client never retries other codes: INVALID_ARGUMENT is the
 caller's bug, RESOURCE_EXHAUSTED is left to the caller's own pacing, DEADLINE_EXCEEDED

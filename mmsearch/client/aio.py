@@ -76,7 +76,7 @@ class AsyncClientBase(ClientBase):
 class AsyncSearchClient(AsyncClientBase):
     """A grpc.aio client for the Search service, for asyncio backends.
 
-    Same options and semantics as `SearchClient` (deadlines, retries on UNAVAILABLE,
+    Same options and semantics as `SearchClient` (deadlines, retries on UNAVAILABLE and CANCELLED,
     TLS, bearer token). Create it inside the event loop that uses it::
 
         async with AsyncSearchClient("search:50050", tls=True, root_cert="ca.pem", token=tok) as client:

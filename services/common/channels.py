@@ -1,6 +1,6 @@
 """Outbound gRPC channels between services (search -> embedder / captioner).
 
-Retries on UNAVAILABLE use gRPC's built-in retry policy (service config, the same one the
+Retries on UNAVAILABLE and CANCELLED use gRPC's built-in retry policy (service config, the same one the
 client library puts on its channels), so every caller gets the same bounded, jittered
 exponential backoff without a hand-written loop; calls are spread round-robin.
 """

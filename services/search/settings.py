@@ -123,7 +123,7 @@ class SearchSettings(ServerSettings):
     upstream_tls: ClientTlsSettings = Field(default_factory=ClientTlsSettings)
     # Per-call timeout toward the embedder / captioner (also capped by the caller's deadline).
     upstream_timeout_s: float = 60.0
-    # gRPC-level attempts on UNAVAILABLE (exponential backoff with jitter), per call.
+    # gRPC-level attempts on UNAVAILABLE and CANCELLED (exponential backoff with jitter), per call.
     upstream_attempts: int = 4
     # Search never waits for the embedder to serve: at start-up it gives an embedder that
     # is already up this long to be bound (model guard) before health turns SERVING, then

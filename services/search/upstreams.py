@@ -1,7 +1,7 @@
 """gRPC clients of the embedder and captioner: the `ports.Embedder` / `ports.Captioner`
 that the search service runs with.
 
-One long-lived channel per upstream (with gRPC's retry policy on UNAVAILABLE); upstream
+One long-lived channel per upstream (with gRPC's retry policy on UNAVAILABLE and CANCELLED); upstream
 status codes become domain errors so the pipeline never handles grpc types.
 """
 from __future__ import annotations

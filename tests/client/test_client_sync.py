@@ -56,10 +56,10 @@ def _write_png(path: Path, color: tuple[int, int, int]) -> Path:
     return path
 
 
-def test_service_config_is_a_retry_policy_on_unavailable() -> None:
+def test_service_config_is_a_retry_policy_on_unavailable_and_cancelled() -> None:
     config = json.loads(retry_service_config(4))
     policy = config["methodConfig"][0]["retryPolicy"]
-    assert policy["retryableStatusCodes"] == ["UNAVAILABLE"]
+    assert policy["retryableStatusCodes"] == ["UNAVAILABLE", "CANCELLED"]
     assert policy["maxAttempts"] == 4
     assert json.loads(retry_service_config(9))["methodConfig"][0]["retryPolicy"]["maxAttempts"] == 5
     assert "retryPolicy" not in json.loads(retry_service_config(1))["methodConfig"][0]
