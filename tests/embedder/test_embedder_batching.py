@@ -112,7 +112,9 @@ async def test_full_queue_is_refused_at_once() -> None:
         started = time.perf_counter()
         with pytest.raises(Overloaded, match="queue is full"):
             b.admit(1)
-        assert time.perf_counter() - started < 0.01
+        # At once: not after the held model frees room. 0.5 s, not 10 ms: a loaded 2-core CI
+        # box may deschedule the test process for longer than the call takes.
+        assert time.perf_counter() - started < 0.5
         model.gate.set()
         assert (await first)[:, 0].tolist() == [0, 1]
         assert (await queued)[:, 0].tolist() == [2, 3, 4, 5]
