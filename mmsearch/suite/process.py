@@ -35,16 +35,24 @@ LineSink = Callable[[str, str], None]
 #: A custom readiness check: called with the child's address, True once it is ready.
 ReadyProbe = Callable[[str], bool]
 
-# Sets the parent-death signal, then execs the real command (PDEATHSIG survives execve).
-# Done in a tiny exec wrapper rather than a preexec_fn, which is unsafe with threads.
-_PDEATHSIG_WRAPPER = (
-    "import ctypes, os, signal, sys\n"
-    "try:\n"
-    "    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)\n"  # 1 = PR_SET_PDEATHSIG
-    "    if os.getppid() != int(sys.argv[1]):\n"  # the launcher died before prctl
-    "        sys.exit(143)\n"
-    "except Exception:\n"
-    "    pass\n"
+# Every child is started through this tiny exec wrapper (not a preexec_fn, which is unsafe
+# with threads). It gives SIGINT back its default action: a shell starts background commands
+# (`mmsearch up &` in a script) with SIGINT ignored, the ignore survives exec, and a Python
+# child that inherits it never raises KeyboardInterrupt, so milvus-lite (stopped by SIGINT)
+# ran until the SIGKILL after the grace period instead of closing its database.
+# With a launcher pid in argv[1] (Linux, main thread) it also sets the parent-death signal,
+# which survives execve.
+_EXEC_WRAPPER = (
+    "import os, signal, sys\n"
+    "signal.signal(signal.SIGINT, signal.SIG_DFL)\n"
+    "if sys.argv[1] != '0':\n"
+    "    try:\n"
+    "        import ctypes\n"
+    "        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)\n"  # 1 = PR_SET_PDEATHSIG
+    "        if os.getppid() != int(sys.argv[1]):\n"  # the launcher died before prctl
+    "            sys.exit(143)\n"
+    "    except Exception:\n"
+    "        pass\n"
     "os.execvp(sys.argv[2], sys.argv[2:])\n"
 )
 
@@ -146,9 +154,9 @@ class ManagedProcess:
         if self._proc is not None and self._proc.stdout is not None:
             self._proc.stdout.close()
         env = {**os.environ, **self.spec.env, "PYTHONUNBUFFERED": "1"}
-        argv = list(self.spec.argv)
-        if sys.platform.startswith("linux") and threading.current_thread() is threading.main_thread():
-            argv = [sys.executable, "-c", _PDEATHSIG_WRAPPER, str(os.getpid()), *argv]
+        # PDEATHSIG fires when the thread that forked ends, so only the main thread asks for it.
+        pdeath = sys.platform.startswith("linux") and threading.current_thread() is threading.main_thread()
+        argv = [sys.executable, "-c", _EXEC_WRAPPER, str(os.getpid()) if pdeath else "0", *self.spec.argv]
         self.started_at = time.monotonic()
         self._proc = subprocess.Popen(
             argv,

@@ -204,19 +204,31 @@ def test_model_processes_split_the_cores_unless_the_user_chose(tmp_path: Path, m
 
 
 def test_milvus_server_mode_runs_milvus_lite_and_stops_it_cleanly(tmp_path: Path) -> None:
+    """Also when the launcher runs with SIGINT ignored, as a shell starts a background
+    command (`mmsearch up &` in a script): milvus-lite inherited the ignore, never saw its
+    stop signal, and was SIGKILLed after the grace period without closing its database."""
     config = SuiteConfig(data_dir=tmp_path, milvus="server", ports="auto", start_timeout_s=60)
     full = LocalSuite(config)
     milvus = full.specs[0]
     assert milvus.name == "milvus" and full.specs[-1].env["SEARCH_MILVUS_URI"] == full.milvus_uri
     assert full.milvus_uri == f"http://{milvus.address}"
     suite = LocalSuite(config, processes=[milvus], on_line=lambda *_: None)
-    with suite:
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        suite.start()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    try:
         from pymilvus import MilvusClient
 
         client = MilvusClient(uri=full.milvus_uri)
         assert client.list_collections() == []
         client.close()
         pid = suite.processes[0].pid
+    finally:
+        started = time.monotonic()
+        suite.stop()
+    assert time.monotonic() - started < 15  # not the 25 s grace and a SIGKILL
     assert pid is not None and not alive(pid)
     assert "Shutting down" in (tmp_path / "logs" / "milvus.log").read_text()  # SIGINT: a clean close
 
