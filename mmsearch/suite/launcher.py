@@ -198,13 +198,19 @@ class LocalSuite:
         return service_spec(name, self._ports[name], env, host=c.host, metrics_port=self._ports[f"{name}_metrics"],
                             python=c.python)
 
+    def _user_set(self, key: str) -> bool:
+        """Whether the user chose `key` (environment or `SuiteConfig.env`): their value wins
+        over the launcher's default, which would otherwise override what children inherit."""
+        return key in os.environ or key in self.config.env
+
     def _model_threads_env(self) -> dict[str, str]:
-        """The embedder and the captioner both run torch models on this one machine: give
-        each half the cores. torch's default (every core, in both processes) makes their
-        OpenMP threads spin-wait for each other: on 2 cores ingest cost 4.4x the CPU per
-        item and ran ~5.8x slower (docs/benchmarks.md, "Ingest pipelining"). An
-        OMP_NUM_THREADS set by the user (environment or `SuiteConfig.env`) wins."""
-        if "OMP_NUM_THREADS" in os.environ or "OMP_NUM_THREADS" in self.config.env:
+        """The embedder and the captioner both run model forwards on this one machine: give
+        each half the cores (torch's threads, and the lite runtime's, which follows them).
+        torch's default (every core, in both processes) makes their OpenMP threads
+        spin-wait for each other: on 2 cores ingest cost 4.4x the CPU per item and ran
+        ~5.8x slower (docs/benchmarks.md, "Ingest pipelining"). An OMP_NUM_THREADS set by
+        the user wins."""
+        if self._user_set("OMP_NUM_THREADS"):
             return {}
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
         return {"OMP_NUM_THREADS": str(max(1, cores // 2))}
@@ -238,7 +244,7 @@ class LocalSuite:
             # on 2 cores); one forward at a time on half of them left the other half idle
             # (0.74x the single-process peer's items/s). bench/ingest_peer.py measures both.
             models_env = {**embedder_env, **captioner_env}
-            if "EMBEDDER_MODEL_THREADS" not in os.environ and "EMBEDDER_MODEL_THREADS" not in c.env:
+            if not self._user_set("EMBEDDER_MODEL_THREADS"):
                 models_env["EMBEDDER_MODEL_THREADS"] = "2"
             specs.append(self._service_spec("models", models_env))
         else:

@@ -198,6 +198,8 @@ def test_model_processes_split_the_cores_unless_the_user_chose(tmp_path: Path, m
     assert env["embedder"]["OMP_NUM_THREADS"] == "1"
     chosen = LocalSuite(SuiteConfig(data_dir=tmp_path, ports="auto", env={"OMP_NUM_THREADS": "3"}))
     assert {s.env["OMP_NUM_THREADS"] for s in chosen.specs} == {"3"}  # the user's value, everywhere
+    one = LocalSuite(SuiteConfig(data_dir=tmp_path, ports="auto", env={"EMBEDDER_MODEL_THREADS": "1"}))
+    assert {s.name: s.env for s in one.specs}["models"]["EMBEDDER_MODEL_THREADS"] == "1"
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     inherited = LocalSuite(SuiteConfig(data_dir=tmp_path, ports="auto"))
     assert all("OMP_NUM_THREADS" not in s.env for s in inherited.specs)  # children inherit the user's
