@@ -61,6 +61,19 @@ def _metric(port: int, name: str, labels: dict[str, str]) -> float:
     return 0.0
 
 
+async def _metric_once_at(port: int, name: str, labels: dict[str, str], expected: float) -> float:
+    """The series' value once it equals `expected`, or its value after 5 s. An aborted call's
+    status reaches the caller before its handler's `finally` records it (grpc.aio sends the
+    status inside `context.abort`), so a read right after the caller's error may miss it
+    (seen once in CI). Read off the event loop, which must run that `finally`."""
+    deadline = time.monotonic() + 5.0
+    while True:
+        value = await asyncio.to_thread(_metric, port, name, labels)
+        if value == expected or time.monotonic() > deadline:
+            return value
+        await asyncio.sleep(0.01)
+
+
 async def test_calls_increment_standard_metric_series(running: RunningServer) -> None:
     assert running.metrics_port
     base = {"grpc_service": CAPTIONER, "grpc_method": "Info", "grpc_type": "unary"}
@@ -77,7 +90,7 @@ async def test_calls_increment_standard_metric_series(running: RunningServer) ->
     port = running.metrics_port
     assert _metric(port, "grpc_server_handled_total", {**base, "grpc_code": "OK"}) == ok_before + 2
     assert _metric(port, "grpc_server_started_total", base) == started_before + 2
-    assert _metric(port, "grpc_server_handled_total", bad) == bad_before + 1
+    assert await _metric_once_at(port, "grpc_server_handled_total", bad, bad_before + 1) == bad_before + 1
     assert _metric(port, "grpc_server_handling_seconds_count", base) >= 2
     assert _metric(port, "grpc_server_msg_received_total", base) >= 2
 
